@@ -1,0 +1,271 @@
+"""Run configuration: one YAML file, dotted overrides, validated once; errors name the dotted key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hpcrollout.errors import HpcRolloutError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """What to read."""
+
+    input: str | None = Field(None, description="Input Parquet file with a prompt column.")
+    prompt_column: str = Field("prompt", description="Column holding a list of {role, content} messages, or a string.")
+    id_column: str | None = Field(None, description="Column with a unique id per row; otherwise ids derive from content and position.")
+    max_prompt_chars: int = Field(1_000_000, gt=0, description="Longer prompts become error records instead of being sent.")
+
+
+class ModelConfig(_Section):
+    """Which model and how prompts are rendered."""
+
+    path: str | None = Field(None, description="Model directory or hub name (no download happens without network).")
+    tokenizer: str | None = Field(None, description="Tokenizer path if not the model's.")
+    chat_template: str | None = Field(None, description="A Jinja chat template file overriding the tokenizer's.")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="e.g. {enable_thinking: false}.")
+    trust_remote_code: bool = False
+
+
+class EngineConfig(_Section):
+    """Engine options. vLLM keys pass through to vllm.LLM; `kwargs` carries any other engine arg."""
+
+    tensor_parallel_size: int | None = Field(None, ge=1, description="Default: the GPUs SLURM gave the task (1 without SLURM).")
+    pipeline_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
+    max_model_len: int | None = Field(None, gt=0)
+    max_num_seqs: int | None = Field(None, gt=0)
+    max_num_batched_tokens: int | None = Field(None, gt=0)
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
+    dtype: str = "auto"
+    quantization: str | None = None
+    enforce_eager: bool = False
+    seed: int = 0
+    load_format: str | None = Field(None, description="'dummy' gives random weights (benchmarks without a download).")
+    device: str = Field("auto", description="transformers backend only: cpu, cuda, or auto.")
+    batch_size: int = Field(8, ge=1, description="transformers backend only: prompts decoded together.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Any other vLLM engine argument, passed as is.")
+
+
+class SamplingConfig(_Section):
+    """How each of the n samples is drawn."""
+
+    n: int = Field(1, ge=1, le=4096)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, description="-1 (or 0) disables.")
+    min_p: float = Field(0.0, ge=0, le=1)
+    max_tokens: int = Field(1024, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    repetition_penalty: float = Field(1.0, gt=0)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    seed: int = Field(0, description="Run seed: each prompt's seed derives from it and the prompt uid.")
+    logprobs: bool = Field(False, description="Record each chosen token's logprob and the cumulative logprob.")
+    return_token_ids: bool = Field(False, description="Record the generated token ids.")
+    skip_special_tokens: bool = True
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v: int) -> int:
+        if v < -1:
+            raise ValueError(f"must be -1 (off) or a positive number, got {v}")
+        return v
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class ShardingConfig(_Section):
+    """How the input is cut into shards (units of work)."""
+
+    num_shards: int | None = Field(None, ge=1, description="Default: one per task (static) or ~8 per task (dynamic).")
+    max_prompts_per_shard: int = Field(50_000, ge=1, description="Caps memory of one shard's outputs at merge time.")
+    mode: Literal["static", "dynamic"] = Field(
+        "static", description="static: task i runs its own shards; dynamic: tasks claim shards until none is left."
+    )
+
+
+class CheckpointConfig(_Section):
+    """How often finished results are committed to disk."""
+
+    every_prompts: int = Field(256, ge=1, description="Commit after this many finished prompts...")
+    every_seconds: float = Field(60.0, gt=0, description="...or this many seconds, whichever comes first.")
+    heartbeat_seconds: float = Field(30.0, gt=0, description="How often a running task reports progress.")
+
+
+class ExecutorConfig(_Section):
+    """Where the array runs."""
+
+    type: Literal["local", "slurm"] = "local"
+    num_tasks: int = Field(1, ge=1, description="Array size (tasks run in parallel as far as resources allow).")
+    local_parallelism: int = Field(1, ge=1, description="local executor: tasks run at once on this machine.")
+
+
+class SlurmConfig(_Section):
+    """SLURM resources for each array task."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = Field(240, ge=1, description="Time limit per task, minutes.")
+    nodes: int = Field(1, ge=1)
+    gpus_per_task: int = Field(1, ge=0)
+    cpus_per_task: int = Field(8, ge=1)
+    mem_gb: float | None = Field(None, gt=0)
+    constraint: str | None = None
+    array_parallelism: int | None = Field(None, ge=1, description="At most this many tasks run at once (%N).")
+    exclusive: bool = False
+    job_name: str = "hpcrollout"
+    additional_parameters: dict[str, Any] = Field(default_factory=dict, description="Extra sbatch parameters.")
+    setup: list[str] = Field(default_factory=list, description="Lines run before the task (module load, activate).")
+    signal_delay_s: int = Field(120, ge=1, description="Seconds before the time limit at which a task checkpoints.")
+    max_requeues: int = Field(3, ge=0, description="Requeues after timeout/preemption before a task is failed.")
+    max_retries: int = Field(2, ge=0, description="Automatic resubmissions of a task that raised.")
+
+
+class RunConfig(_Section):
+    """A whole run."""
+
+    run_dir: str | None = Field(None, description="Everything about the run lives here (shared filesystem).")
+    backend: Literal["vllm", "transformers"] = "vllm"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    sharding: ShardingConfig = Field(default_factory=ShardingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.sampling.n > 1 and self.sampling.temperature == 0:
+            raise ValueError("sampling.n > 1 with sampling.temperature 0 gives n identical responses; raise the temperature")
+        return self
+
+    def require(self, *dotted: str) -> None:
+        """Raise a clear error if any of these dotted keys is unset."""
+        missing = [key for key in dotted if get_dotted(self, key) in (None, "")]
+        if missing:
+            raise HpcRolloutError(
+                "config is missing " + ", ".join(missing) + " (set it in the YAML file or with --set KEY=VALUE)"
+            )
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def generation_fingerprint(self) -> dict[str, str]:
+        """Hashes of what decides the samples; a resume with any of these changed is refused."""
+        d = self.model_dump(mode="json")
+        parts = {
+            "model": d["model"],
+            "sampling": d["sampling"],
+            "data": {k: d["data"][k] for k in ("prompt_column", "id_column", "max_prompt_chars")},
+            "backend": d["backend"],
+        }
+        return {k: _digest(v) for k, v in parts.items()}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def get_dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict, creating levels as needed."""
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise HpcRolloutError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``sampling.temperature=0.7`` -> ("sampling.temperature", 0.7); values are parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise HpcRolloutError(f"--set {item!r}: expected KEY=VALUE, e.g. --set sampling.temperature=0.7")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise HpcRolloutError(f"--set {key}: cannot parse {raw!r} as a value: {exc}") from None
+    return key.strip(), value
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in err and err["type"] != "missing":
+            msg = f"{msg}, got {err['input']!r}"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def build_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise HpcRolloutError(format_validation_error(exc, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise HpcRolloutError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise HpcRolloutError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise HpcRolloutError(f"config file {path}: expected a mapping at the top level, got {type(tree).__name__}")
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
+    """YAML file (optional), then ``base`` keys, then dotted ``--set`` overrides; validated once."""
+    tree: dict[str, Any] = read_yaml(path) if path else {}
+    source = str(path) if path else "command line"
+    if path:
+        _resolve_paths(tree, Path(path).parent)
+    for key, value in (base or {}).items():
+        set_dotted(tree, key, value)
+    for item in overrides or []:
+        set_dotted(tree, *parse_override(item))
+    return build_config(tree, source)
+
+
+def _resolve_paths(tree: dict[str, Any], here: Path) -> None:
+    """Relative paths in a config file are relative to that file, except those that exist from the cwd."""
+    for section, key in (("data", "input"), ("model", "chat_template"), (None, "run_dir")):
+        node = tree.get(section) if section else tree
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            value = node[key]
+            if not Path(value).is_absolute() and not Path(value).exists() and (here / value).exists():
+                node[key] = str(here / value)

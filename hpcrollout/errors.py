@@ -1,0 +1,11 @@
+"""The one exception type for mistakes a user can fix."""
+
+from __future__ import annotations
+
+
+class HpcRolloutError(Exception):
+    """A user-facing error: the CLI prints ``error: <message>`` and exits non-zero, no traceback.
+
+    Messages say what went wrong, where (file, row, dotted config key) and the next step.
+    Anything else raised inside hpcrollout is a bug and keeps its traceback.
+    """
