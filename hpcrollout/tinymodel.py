@@ -1,0 +1,180 @@
+"""Build small models and tokenizers offline: for the demo, the tests and the benchmarks (no model hub here).
+
+``build_tiny_model(dir)`` writes a random-weight Qwen3-architecture model (a few hundred KB) with a
+byte-level BPE tokenizer and a ChatML chat template, loadable by transformers and vLLM alike.
+``build_model_shape(dir, "qwen3-4b")`` writes only config.json + tokenizer of a real model shape, for
+vLLM's ``load_format="dummy"`` (random weights, real compute) in throughput benchmarks.
+
+Usage: python -m hpcrollout.tinymodel DIR [--shape qwen3-4b] [--vocab-size N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+    ),
+    # vLLM kernels want realistic head sizes; this is the smallest shape that runs there quickly.
+    "small": dict(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=8192,
+    ),
+    "qwen3-4b": dict(
+        hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, vocab_size=151936,
+    ),
+}
+
+
+def _byte_pair_vocab(size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A consistent byte-level BPE vocabulary of ``size`` entries: the 256 byte symbols, then merges.
+
+    Pairs of common characters (letters, space, digits) come first, so English text tokenizes sensibly;
+    longer tokens are synthesised as needed to reach large vocabularies (e.g. 151,936 for Qwen3 shapes).
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    merges: list[tuple[str, str]] = []
+    common = [c for c in "Ġetaoinshrdlcumwfgypbvkjxqz" + "ETAOINSHRDLCUMWFGYPBVKJXQZ0123456789.,'" if c in vocab]
+    rest = [c for c in alphabet if c not in common]
+    level = [*common, *rest]
+
+    def add(a: str, b: str) -> bool:
+        tok = a + b
+        if tok in vocab:
+            return len(vocab) < size
+        vocab[tok] = len(vocab)
+        merges.append((a, b))
+        return len(vocab) < size
+
+    if len(vocab) >= size:
+        return vocab, merges
+    prev = level
+    while True:
+        for a, b in itertools.product(prev, level):
+            if not add(a, b):
+                return vocab, merges
+        prev = [t for t in vocab if len(t) == len(prev[0]) + 1]
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 1024, model_max_length: int = 4096):
+    """A byte-level BPE tokenizer with ChatML specials and chat template, saved to out_dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base_size = vocab_size - len(SPECIAL_TOKENS)
+    vocab, merges = _byte_pair_vocab(base_size)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=model_max_length,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def _qwen3_config(shape: str, tokenizer, vocab_size: int | None) -> dict[str, Any]:
+    dims = dict(SHAPES[shape])
+    vocab = dims.pop("vocab_size", None) or vocab_size or len(tokenizer)
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": max(vocab, len(tokenizer)),
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        **dims,
+    }
+
+
+def build_model_shape(out_dir: str | Path, shape: str = "qwen3-4b", vocab_size: int | None = None) -> Path:
+    """config.json + tokenizer of a model shape, no weights: for vLLM with load_format='dummy'."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dims = SHAPES[shape]
+    tok_vocab = vocab_size or dims.get("vocab_size", 1024)
+    tokenizer = build_tokenizer(out, vocab_size=tok_vocab, model_max_length=dims["max_position_embeddings"])
+    cfg = _qwen3_config(shape, tokenizer, tok_vocab)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": cfg["eos_token_id"], "bos_token_id": cfg["bos_token_id"]}, indent=2) + "\n"
+    )
+    return out
+
+
+def build_tiny_model(out_dir: str | Path, shape: str = "tiny", vocab_size: int = 1024, seed: int = 0) -> Path:
+    """A complete random-weight model directory (weights + tokenizer), loadable by transformers and vLLM."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    out = build_model_shape(out_dir, shape, vocab_size)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.pop("architectures", None)
+    cfg.pop("model_type", None)
+    config = Qwen3Config(**cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(str(out))
+    return out
+
+
+def ensure_tiny_model(out_dir: str | Path, **kwargs: Any) -> Path:
+    """Build the tiny model once; reuse it when it is already there."""
+    out = Path(out_dir)
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    return build_tiny_model(out, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hpcrollout.tinymodel", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    parser.add_argument("--vocab-size", type=int, default=None)
+    parser.add_argument("--config-only", action="store_true", help="no weights (for vLLM load_format=dummy)")
+    args = parser.parse_args(argv)
+    if args.config_only:
+        path = build_model_shape(args.out_dir, args.shape, args.vocab_size)
+    else:
+        path = build_tiny_model(args.out_dir, args.shape, args.vocab_size or 1024)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
