@@ -1,0 +1,198 @@
+"""Open any post-processing input as a stream of Arrow batches: a merged file, a flattened file, or a run directory.
+
+Every post-processing command (flatten, analyze, filter, export) reads through here, so memory stays bounded by
+one batch whatever the file size: Parquet is read with ``ParquetFile.iter_batches`` (row group by row group), a run
+directory through ``hpcrollout.merge.iter_merged_batches``. Outputs are written incrementally with a
+``ParquetWriter`` on a temp file that is renamed over the destination only on success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hpcrollout.errors import HpcRolloutError
+from hpcrollout.rundir import RunDir, atomic_path
+
+log = logging.getLogger("hpcrollout")
+
+MERGED = "merged"
+FLATTENED = "flattened"
+
+# Per-sample list columns of a merged file -> their scalar column in a flattened file.
+SAMPLE_COLUMNS = {
+    "responses": "response",
+    "response_tokens": "response_tokens",
+    "finish_reasons": "finish_reason",
+    "stop_reasons": "stop_reason",
+    "sample_seeds": "sample_seed",
+    "token_ids": "token_ids",
+    "logprobs": "logprobs",
+    "cumulative_logprobs": "cumulative_logprob",
+}
+# Per-prompt result columns, carried unchanged on every flattened row.
+PROMPT_RESULT_COLUMNS = ("uid", "prompt_tokens", "error")
+
+# Aim for batches of about this many uncompressed bytes; rows of long responses get fewer rows per batch.
+TARGET_BATCH_BYTES = 32 << 20
+MAX_BATCH_ROWS = 65_536
+MIN_BATCH_ROWS = 256
+
+
+@dataclass
+class Source:
+    """One opened input: its kind, schema and a way to stream its batches."""
+
+    path: Path
+    kind: str  # MERGED or FLATTENED
+    schema: pa.Schema
+    run_dir: RunDir | None = None
+    num_rows: int | None = None  # known up front for Parquet files
+    batch_rows: int = MAX_BATCH_ROWS
+    _file: pq.ParquetFile | None = None
+
+    @property
+    def is_flattened(self) -> bool:
+        return self.kind == FLATTENED
+
+    def has(self, column: str) -> bool:
+        return column in self.schema.names
+
+    def require(self, *columns: str, why: str = "") -> None:
+        """Raise naming the file if a needed column is absent."""
+        missing = [c for c in columns if not self.has(c)]
+        if missing:
+            raise HpcRolloutError(
+                f"{self.path} has no column {', '.join(repr(c) for c in missing)}"
+                + (f" (needed {why})" if why else "")
+                + f"; its columns are: {', '.join(self.schema.names)}"
+            )
+
+    def batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """Stream the input in batches, projected to ``columns`` (those present, in that order) if given."""
+        cols = None if columns is None else [c for c in columns if self.has(c)]
+        if self._file is not None:
+            yield from self._file.iter_batches(batch_size=self.batch_rows, columns=cols, use_threads=True)
+            return
+        assert self.run_dir is not None
+        _, it = _iter_run_dir(self.run_dir, self.batch_rows)
+        for batch in it:
+            yield batch if cols is None else batch.select(cols)
+
+
+def _iter_run_dir(run_dir: RunDir, batch_rows: int) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    # Imported lazily: merge pulls in the run machinery, which the file-only commands never need.
+    from hpcrollout.merge import iter_merged_batches
+
+    return iter_merged_batches(run_dir.root, batch_rows=batch_rows)
+
+
+def _kind_of(path: Path, schema: pa.Schema) -> str:
+    names = set(schema.names)
+    if "responses" in names:
+        return MERGED
+    if "response" in names:
+        return FLATTENED
+    raise HpcRolloutError(
+        f"{path} has neither a 'responses' column (merged output) nor a 'response' column (flattened output); "
+        f"its columns are: {', '.join(schema.names) or '(none)'}. Pass a file written by hpcrollout merge or flatten, "
+        "or a run directory"
+    )
+
+
+def _auto_batch_rows(meta: pq.FileMetaData) -> int:
+    if meta.num_rows == 0 or meta.num_row_groups == 0:
+        return MAX_BATCH_ROWS
+    nbytes = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    per_row = max(1.0, nbytes / meta.num_rows)
+    return int(min(MAX_BATCH_ROWS, max(MIN_BATCH_ROWS, TARGET_BATCH_BYTES // per_row)))
+
+
+def open_source(path: str | Path, batch_rows: int | None = None) -> Source:
+    """Open a merged or flattened Parquet file, or a run directory (read as its merged output)."""
+    path = Path(path)
+    if path.is_dir():
+        rd = RunDir(path)
+        if not rd.exists():
+            raise HpcRolloutError(
+                f"{path} is a directory but not a run directory (no manifest.json); "
+                "pass a merged or flattened Parquet file, or a run directory made by hpcrollout submit"
+            )
+        rows = batch_rows or 16_384
+        schema, it = _iter_run_dir(rd, rows)
+        close = getattr(it, "close", None)
+        if close is not None:  # only the schema was wanted here; batches() starts a fresh iteration
+            close()
+        return Source(path=path, kind=_kind_of(path, schema), schema=schema, run_dir=rd, batch_rows=rows)
+    if not path.exists():
+        raise HpcRolloutError(f"{path} does not exist; pass a merged or flattened Parquet file or a run directory")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        raise HpcRolloutError(f"{path} is not a readable Parquet file ({exc})") from None
+    schema = pf.schema_arrow
+    return Source(
+        path=path,
+        kind=_kind_of(path, schema),
+        schema=schema,
+        num_rows=pf.metadata.num_rows,
+        batch_rows=batch_rows or _auto_batch_rows(pf.metadata),
+        _file=pf,
+    )
+
+
+@contextlib.contextmanager
+def parquet_output(dest: str | Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """A ParquetWriter on a temp file next to ``dest``, renamed over it only if the block succeeds."""
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+        try:
+            yield writer
+        finally:
+            writer.close()
+
+
+def check_output(source: Source, output: str | Path) -> Path:
+    """Refuse to overwrite the input with the output (the rename would destroy it mid-read)."""
+    out = Path(output)
+    if out.exists() and source._file is not None and out.resolve() == source.path.resolve():
+        raise HpcRolloutError(f"--output {out} is the input file; choose another output path")
+    if out.is_dir():
+        raise HpcRolloutError(f"--output {out} is a directory; give a file path")
+    return out
+
+
+def add_input_args(parser, output: bool) -> None:  # noqa: ANN001 - argparse parser or subparser
+    """The input argument (and --output) shared by every post-processing command."""
+    parser.add_argument("input", help="Merged or flattened Parquet file, or a run directory.")
+    if output:
+        parser.add_argument("--output", "-o", required=True, help="Output path (written atomically).")
+    parser.add_argument(
+        "--batch_rows",
+        "--batch-rows",
+        type=int,
+        default=None,
+        help="Rows per batch read (default: sized from the file to about 32 MiB per batch).",
+    )
+
+
+def run_standalone(description: str, add_cli_args, main) -> int:  # noqa: ANN001 - the module's own functions
+    """``python -m hpcrollout.<command>``: parse, run, and print user errors without a traceback."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=description)
+    add_cli_args(parser)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return main(parser.parse_args())
+    except HpcRolloutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
