@@ -40,7 +40,9 @@ def _scalar_type(list_type: pa.DataType) -> pa.DataType:
 
 def flattened_schema(merged: pa.Schema) -> pa.Schema:
     """The flattened schema of a merged schema (see hpcrollout.schema)."""
-    carried = [f for f in merged if f.name not in RESULT_COLUMNS and f.name not in INTERNAL_COLUMNS and f.name != PART_ROW]
+    carried = [
+        f for f in merged if f.name not in RESULT_COLUMNS and f.name not in INTERNAL_COLUMNS and f.name != PART_ROW
+    ]
     for f in carried:
         if f.name in SAMPLE_COLUMNS.values() or f.name == SAMPLE_INDEX:
             raise HpcRolloutError(
@@ -73,7 +75,7 @@ def flatten_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
     sample = np.arange(len(parent), dtype=np.int64) - np.repeat(out_starts, out_counts)
     real = sample < lengths[parent]  # False only on the placeholder row of an empty/null list
     parent_arr = pa.array(parent)
-    by_name = dict(zip(batch.schema.names, batch.columns))
+    by_name = dict(zip(batch.schema.names, batch.columns, strict=True))
 
     cols: list[pa.Array] = []
     for field in schema:
@@ -122,7 +124,9 @@ def flatten(input_path: str | Path, output: str | Path, batch_rows: int | None =
             report.responses += int(pc.sum(pc.list_value_length(batch.column("responses"))).as_py() or 0)
             if "error" in batch.schema.names:
                 report.error_rows += batch.num_rows - batch.column("error").null_count
-    log.debug("flattened %s rows into %s rows (%s responses) -> %s", report.rows, report.output_rows, report.responses, out)
+    log.debug(
+        "flattened %s rows into %s rows (%s responses) -> %s", report.rows, report.output_rows, report.responses, out
+    )
     return report
 
 

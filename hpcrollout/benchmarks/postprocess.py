@@ -12,6 +12,7 @@ the same file in the same run and prints the ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 
 from hpcrollout.schema import RESULT_FIELDS
 
-WORDS = (
+_WORD_TEXT = (
     "the a of to and in is it that for on with as was be at by this an are or from not but have they which one you "
     "all were her she there would their we him been has when who will more no if out so said what up its about into "
     "than them can only other new some could time these two may then do first any my now such like our over man me "
@@ -37,7 +38,8 @@ WORDS = (
     "just those people how too little state good very make world still own see men work long get here between both "
     "life being under never day same another know while last might us great old year off come since against go came "
     "right used take three café naïve 日本語 数学 Ωmega résumé 🙂"
-).split()
+)
+WORDS = _WORD_TEXT.split()
 MAX_TOKENS = 64
 
 
@@ -49,14 +51,22 @@ def _response_pool(rng: np.random.Generator, size: int) -> tuple[pa.Array, np.nd
             texts.append("")
             tokens.append(1)
             continue
-        k = int(rng.integers(1, 48))
+        k = int(rng.integers(1, 56))
         texts.append(" ".join(rng.choice(WORDS, size=k)))
         tokens.append(min(MAX_TOKENS, int(k * 1.3) + 1))
     return pa.array(texts, pa.string()), np.asarray(tokens, dtype=np.int32)
 
 
-def merged_chunk(rng: np.random.Generator, start: int, rows: int, n: int, pool: pa.Array, pool_tokens: np.ndarray,
-                 prompts: pa.Array, error_rate: float = 0.001) -> pa.Table:
+def merged_chunk(
+    rng: np.random.Generator,
+    start: int,
+    rows: int,
+    n: int,
+    pool: pa.Array,
+    pool_tokens: np.ndarray,
+    prompts: pa.Array,
+    error_rate: float = 0.001,
+) -> pa.Table:
     """``rows`` synthetic merged rows starting at global row ``start`` (vectorised; no per-row Python)."""
     err = rng.random(rows) < error_rate
     lengths = np.where(err, 0, n).astype(np.int32)
@@ -81,8 +91,9 @@ def merged_chunk(rng: np.random.Generator, start: int, rows: int, n: int, pool: 
     prompt = pa.ListArray.from_arrays(pa.array(np.arange(rows + 1, dtype=np.int32)), msgs)
     uid = pc.binary_join_element_wise("u", pc.cast(pa.array(row_ids), pa.string()), "")
     finish = np.where(tok >= MAX_TOKENS, "length", "stop")
-    errors = pa.array(np.where(err, "prompt has 1,200,000 characters, more than data.max_prompt_chars", None),
-                      pa.string())
+    errors = pa.array(
+        np.where(err, "prompt has 1,200,000 characters, more than data.max_prompt_chars", None), pa.string()
+    )
     cols = {
         "id": pa.array(row_ids),
         "prompt": prompt,
@@ -175,15 +186,14 @@ def ours(command: str, inp: str, out: str) -> list[str]:
 def measure(argv: list[str], stdout_path: Path | None = None) -> dict:
     """Run argv as a child; return its wall time and peak RSS (that child's own, from wait4)."""
     t0 = time.perf_counter()
-    out = open(stdout_path, "wb") if stdout_path else subprocess.DEVNULL
-    try:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE)
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(stdout_path, "wb")) if stdout_path else subprocess.DEVNULL
+        errf = stack.enter_context(tempfile.TemporaryFile())
+        proc = subprocess.Popen(argv, stdout=out, stderr=errf)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    finally:
-        if stdout_path:
-            out.close()
+        errf.seek(0)
+        err = errf.read().decode(errors="replace")
     rc = os.waitstatus_to_exitcode(status)
     proc.returncode = rc  # wait4 reaped it; tell Popen so it does not wait again
     if rc != 0:
@@ -211,28 +221,49 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="hpcr-pp-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
-          f"pyarrow {pa.__version__}", flush=True)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
+        f"pyarrow {pa.__version__}",
+        flush=True,
+    )
     try:
         if not args.skip_speed:
             src = work / f"merged_{args.speed_rows}.parquet"
             t0 = time.perf_counter()
             generate_merged(src, args.speed_rows, args.n)
-            print(f"\n== speed vs pandas: {args.speed_rows:,} rows x n={args.n} ({_mib(src):.0f} MiB, "
-                  f"generated in {time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"\n== speed vs pandas: {args.speed_rows:,} rows x n={args.n} ({_mib(src):.0f} MiB, "
+                f"generated in {time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
             print(f"{'command':<9} {'ours_s':>8} {'pandas_s':>9} {'speedup':>8} {'ours_rss':>10} {'pandas_rss':>11}")
             for cmd in ("flatten", "analyze", "filter"):
                 a = measure(ours(cmd, str(src), str(work / f"ours_{cmd}.out")), work / f"ours_{cmd}.stdout")
-                b = measure([sys.executable, "-m", "hpcrollout.benchmarks.postprocess", "--pandas", cmd, str(src),
-                             str(work / f"pandas_{cmd}.out")])
-                print(f"{cmd:<9} {a['wall_s']:8.1f} {b['wall_s']:9.1f} {b['wall_s'] / a['wall_s']:7.1f}x "
-                      f"{a['peak_rss_mib']:7.0f} MiB {b['peak_rss_mib']:8.0f} MiB", flush=True)
+                b = measure(
+                    [
+                        sys.executable,
+                        "-m",
+                        "hpcrollout.benchmarks.postprocess",
+                        "--pandas",
+                        cmd,
+                        str(src),
+                        str(work / f"pandas_{cmd}.out"),
+                    ]
+                )
+                print(
+                    f"{cmd:<9} {a['wall_s']:8.1f} {b['wall_s']:9.1f} {b['wall_s'] / a['wall_s']:7.1f}x "
+                    f"{a['peak_rss_mib']:7.0f} MiB {b['peak_rss_mib']:8.0f} MiB",
+                    flush=True,
+                )
         if not args.skip_rss:
             src = work / f"merged_{args.rows}.parquet"
             t0 = time.perf_counter()
             generate_merged(src, args.rows, args.n)
-            print(f"\n== peak RSS: {args.rows:,} rows x n={args.n} ({_mib(src):.0f} MiB, "
-                  f"generated in {time.perf_counter() - t0:.0f} s); target < 1024 MiB each", flush=True)
+            print(
+                f"\n== peak RSS: {args.rows:,} rows x n={args.n} ({_mib(src):.0f} MiB, "
+                f"generated in {time.perf_counter() - t0:.0f} s); target < 1024 MiB each",
+                flush=True,
+            )
             print(f"{'command':<9} {'wall_s':>8} {'peak_rss':>10} {'target':>7}")
             for cmd in ("flatten", "analyze", "filter"):
                 out = work / f"big_{cmd}.out"

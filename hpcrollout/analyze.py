@@ -1,0 +1,594 @@
+"""Health report of a merged/flattened output or run directory: counts, lengths, finish reasons, diversity, errors.
+
+Streams the input batch by batch, so memory stays bounded whatever the file size. Percentiles are exact:
+token counts and character lengths are kept as counts histograms (one counter per value), except character
+lengths of 1,048,576 and more, which fall into 1%-wide logarithmic buckets (a percentile landing there is
+within 1%). Percentiles use the nearest-rank rule (numpy's ``method="inverted_cdf"``). Duplicates and
+diversity are per prompt: a duplicate is a response identical to an earlier response of the same prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hpcrollout.errors import HpcRolloutError
+from hpcrollout.sources import Source, add_input_args, open_source, run_standalone
+
+log = logging.getLogger("hpcrollout")
+
+QUANTILES = (0.5, 0.9, 0.99)
+MAX_ERROR_KINDS = 1000  # distinct error messages counted exactly; the rest go to "(other)"
+ERROR_EXAMPLES = 5
+
+
+class LengthHistogram:
+    """Counts of non-negative integers: exact below EXACT_LIMIT, 1%-wide log buckets above; exact min/mean/max."""
+
+    EXACT_LIMIT = 1 << 20
+    LOG_BASE = 1.01
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(0, dtype=np.int64)
+        self.big: Counter[int] = Counter()
+        self.count = 0
+        self.total = 0
+        self.min: int | None = None
+        self.max: int | None = None
+
+    def add(self, values: np.ndarray) -> None:
+        if values.size == 0:
+            return
+        values = values.astype(np.int64, copy=False)
+        self.count += int(values.size)
+        self.total += int(values.sum())
+        lo, hi = int(values.min()), int(values.max())
+        self.min = lo if self.min is None else min(self.min, lo)
+        self.max = hi if self.max is None else max(self.max, hi)
+        small = values[values < self.EXACT_LIMIT] if hi >= self.EXACT_LIMIT else values
+        bc = np.bincount(small)
+        if bc.size > self.counts.size:
+            self.counts = np.concatenate([self.counts, np.zeros(bc.size - self.counts.size, dtype=np.int64)])
+        self.counts[: bc.size] += bc
+        if hi >= self.EXACT_LIMIT:
+            buckets = np.floor(np.log(values[values >= self.EXACT_LIMIT]) / math.log(self.LOG_BASE)).astype(np.int64)
+            keys, n = np.unique(buckets, return_counts=True)
+            self.big.update(dict(zip(keys.tolist(), n.tolist(), strict=True)))
+
+    def quantile(self, q: float) -> float | None:
+        """Nearest rank: the smallest value v with at least q * count values <= v."""
+        if self.count == 0:
+            return None
+        rank = max(1, math.ceil(q * self.count - 1e-9))
+        cum = np.cumsum(self.counts)
+        if cum.size and cum[-1] >= rank:
+            return float(np.searchsorted(cum, rank))
+        seen = int(cum[-1]) if cum.size else 0
+        for b in sorted(self.big):
+            seen += self.big[b]
+            if seen >= rank:
+                return float(min(max(round(self.LOG_BASE**b), self.EXACT_LIMIT), self.max or 0))
+        return float(self.max or 0)
+
+    def summary(self) -> dict[str, float | int | None]:
+        out: dict[str, float | int | None] = {"count": self.count, "min": self.min}
+        out["mean"] = round(self.total / self.count, 3) if self.count else None
+        for q in QUANTILES:
+            out[f"p{round(q * 100)}"] = self.quantile(q)
+        out["max"] = self.max
+        return out
+
+    def bins(self, nbins: int = 80) -> tuple[np.ndarray, np.ndarray]:
+        """(edges, counts) over [min, max] for plotting."""
+        if self.count == 0:
+            return np.array([0.0, 1.0]), np.zeros(1)
+        hi = max(self.max or 0, 1)
+        width = max(1, math.ceil((hi + 1) / nbins))
+        edges = np.arange(0, hi + width + 1, width, dtype=np.float64)
+        heights = np.add.reduceat(self.counts, np.arange(0, self.counts.size, width)).astype(np.float64)
+        heights = np.pad(heights, (0, max(0, len(edges) - 1 - heights.size)))[: len(edges) - 1]
+        for b, n in self.big.items():
+            heights[min(len(heights) - 1, int(self.LOG_BASE**b // width))] += n
+        return edges, heights
+
+
+def _np(arr: pa.Array | pa.ChunkedArray, fill: Any = 0) -> np.ndarray:
+    return arr.fill_null(fill).to_numpy(zero_copy_only=False)
+
+
+class Analysis:
+    """Running totals over batches; ``result()`` gives the report as a dict."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.rows = 0
+        self.prompts = 0
+        self.responses = 0
+        self.error_rows = 0
+        self.no_response_rows = 0  # no responses and no error: should not happen, worth flagging
+        self.errors: Counter[str] = Counter()
+        self.error_examples: list[dict[str, Any]] = []
+        self.n_per_row: Counter[int] = Counter()
+        self.chars = LengthHistogram()
+        self.tokens = LengthHistogram()
+        self.prompt_tokens = LengthHistogram()
+        self.finish: Counter[str] = Counter()
+        self.length_finished_max_tokens: int | None = None
+        self.empty = 0
+        self.duplicates = 0
+        self.diversity: Counter[tuple[int, int]] = Counter()  # (distinct, n) -> prompts
+        self.has_groups = True
+        self._pending: pa.Table | None = None  # flattened input: the last uid group, continued in the next batch
+
+    # ---- per response ----
+    def _responses(self, resp: pa.Array, tokens: pa.Array | None, finish: pa.Array | None) -> None:
+        self.responses += len(resp)
+        chars = _np(pc.utf8_length(resp))
+        self.chars.add(chars)
+        blank = pc.or_(pc.equal(pc.utf8_length(resp), 0), pc.utf8_is_space(resp))
+        self.empty += int(pc.sum(blank.fill_null(True)).as_py() or 0)
+        if tokens is not None:
+            self.tokens.add(tokens.drop_null().to_numpy(zero_copy_only=False))
+        if finish is not None:
+            for value, n in zip(*_value_counts(finish), strict=True):
+                self.finish[value if value is not None else "(none)"] += n
+            if tokens is not None and len(tokens) == len(finish):
+                hit = pc.max(tokens.filter(pc.equal(finish, "length").fill_null(False))).as_py()
+                if hit is not None:
+                    self.length_finished_max_tokens = max(hit, self.length_finished_max_tokens or 0)
+
+    # ---- per prompt ----
+    def _prompts(
+        self,
+        parent: np.ndarray,
+        resp: pa.Array,
+        ngroups: int,
+        errors: pa.Array | None,
+        uids: pa.Array | None,
+        prompt_tokens: pa.Array | None,
+    ) -> None:
+        self.prompts += ngroups
+        n = np.bincount(parent, minlength=ngroups)
+        keys, counts = np.unique(n, return_counts=True)
+        self.n_per_row.update(dict(zip(keys.tolist(), counts.tolist(), strict=True)))
+        if len(resp):
+            codes = _np(pc.dictionary_encode(resp.fill_null("")).indices).astype(np.int64)
+            pairs = np.unique(parent.astype(np.int64) * (int(codes.max()) + 1) + codes)
+            distinct = np.bincount(pairs // (int(codes.max()) + 1), minlength=ngroups)
+            self.duplicates += int(n.sum() - distinct.sum())
+            has = n > 0
+            combo, cnt = np.unique(np.stack([distinct[has], n[has]], axis=1), axis=0, return_counts=True)
+            for (d, k), c in zip(combo.tolist(), cnt.tolist(), strict=True):
+                self.diversity[(d, k)] += c
+        if errors is not None:
+            failed = pc.is_valid(errors)
+            nfail = int(pc.sum(failed).as_py() or 0)
+            self.error_rows += nfail
+            self.no_response_rows += int(((n == 0) & ~_np(failed, False)).sum())
+            if nfail:
+                msgs = errors.filter(failed)
+                for value, c in zip(*_value_counts(msgs), strict=True):
+                    key = value if value in self.errors or len(self.errors) < MAX_ERROR_KINDS else "(other)"
+                    self.errors[key] += c
+                if len(self.error_examples) < ERROR_EXAMPLES:
+                    ids = uids.filter(failed) if uids is not None else pa.nulls(nfail)
+                    for uid, msg in zip(ids.to_pylist(), msgs.to_pylist(), strict=True):
+                        if len(self.error_examples) < ERROR_EXAMPLES:
+                            self.error_examples.append({"uid": uid, "error": msg})
+        else:
+            self.no_response_rows += int((n == 0).sum())
+        if prompt_tokens is not None:
+            self.prompt_tokens.add(prompt_tokens.drop_null().to_numpy(zero_copy_only=False))
+
+    def add_merged(self, batch: pa.RecordBatch) -> None:
+        names = batch.schema.names
+        col = batch.column
+        self.rows += batch.num_rows
+        resp_list = col("responses")
+        resp = pc.list_flatten(resp_list)
+        tokens = pc.list_flatten(col("response_tokens")) if "response_tokens" in names else None
+        finish = pc.list_flatten(col("finish_reasons")) if "finish_reasons" in names else None
+        self._responses(resp, tokens, finish)
+        parent = _np(pc.list_parent_indices(resp_list)).astype(np.int64)
+        self._prompts(
+            parent,
+            resp,
+            batch.num_rows,
+            col("error") if "error" in names else None,
+            col("uid") if "uid" in names else None,
+            col("prompt_tokens") if "prompt_tokens" in names else None,
+        )
+
+    def add_flattened(self, batch: pa.RecordBatch | None) -> None:
+        """One flattened batch (None: end of input, flush the last group)."""
+        if batch is not None:
+            self.rows += batch.num_rows
+            names = batch.schema.names
+            ok = pc.is_valid(batch.column("response"))
+            kept = batch.filter(ok)
+            self._responses(
+                kept.column("response"),
+                kept.column("response_tokens") if "response_tokens" in names else None,
+                kept.column("finish_reason") if "finish_reason" in names else None,
+            )
+            if "uid" not in names:
+                self.has_groups = False
+                if "error" in names:
+                    self.error_rows += batch.num_rows - batch.column("error").null_count
+                return
+            table = pa.Table.from_batches(
+                [batch.select([c for c in ("uid", "response", "error", "prompt_tokens") if c in names])]
+            )
+            if self._pending is not None:
+                table = pa.concat_tables([self._pending, table])
+        elif self._pending is not None:
+            table = self._pending
+        else:
+            return
+        table = table.combine_chunks()
+        uid = table.column("uid").chunk(0) if table.num_rows else pa.array([], pa.string())
+        starts = np.ones(len(uid), dtype=bool)
+        if len(uid) > 1:
+            starts[1:] = _np(pc.not_equal(uid[1:], uid[:-1]), True)
+        group = np.cumsum(starts) - 1
+        ngroups = int(group[-1]) + 1 if len(group) else 0
+        if batch is not None and ngroups:
+            # The last group may continue in the next batch: hold it back.
+            cut = int(np.flatnonzero(starts)[-1])
+            self._pending = table.slice(cut)
+            table, group, ngroups = table.slice(0, cut), group[:cut], ngroups - 1
+            uid = uid[:cut]
+        else:
+            self._pending = None
+        if ngroups == 0:
+            return
+        first = pa.array(np.flatnonzero(starts[: len(group)]))
+        resp = table.column("response").combine_chunks() if table.num_rows else pa.array([], pa.string())
+        valid = _np(pc.is_valid(resp), False)
+        names = table.schema.names
+        self._prompts(
+            group[valid],
+            resp.filter(pa.array(valid)),
+            ngroups,
+            table.column("error").combine_chunks().take(first) if "error" in names else None,
+            uid.take(first),
+            table.column("prompt_tokens").combine_chunks().take(first) if "prompt_tokens" in names else None,
+        )
+
+    def result(self, max_tokens: int | None = None, max_tokens_from: str = "") -> dict[str, Any]:
+        if max_tokens is None and self.length_finished_max_tokens is not None:
+            max_tokens, max_tokens_from = self.length_finished_max_tokens, "inferred: most tokens of a 'length' finish"
+        r = self.responses
+        distinct_total = sum(d * c for (d, _), c in self.diversity.items())
+        n_total = sum(k * c for (_, k), c in self.diversity.items())
+        out: dict[str, Any] = {
+            "input": str(self.source.path),
+            "kind": self.source.kind,
+            "rows": self.rows,
+            "prompts": self.prompts if self.has_groups else None,
+            "responses": r,
+            "responses_per_prompt": {str(k): v for k, v in sorted(self.n_per_row.items())},
+            "error_rows": self.error_rows,
+            "errors": dict(self.errors.most_common(10)),
+            "error_examples": self.error_examples,
+            "rows_without_responses_or_error": self.no_response_rows,
+            "response_tokens": self.tokens.summary(),
+            "response_chars": self.chars.summary(),
+            "prompt_tokens": self.prompt_tokens.summary(),
+            "percentiles": "exact (counts histogram, nearest rank); chars >= 1,048,576 in 1%-wide log buckets",
+            "finish_reasons": dict(self.finish.most_common()),
+            "max_tokens": max_tokens,
+            "max_tokens_from": max_tokens_from or None,
+            "hit_max_tokens": self.finish.get("length", 0),
+            "hit_max_tokens_frac": _frac(self.finish.get("length", 0), r),
+            "empty_responses": self.empty,
+            "empty_frac": _frac(self.empty, r),
+            "duplicate_responses": self.duplicates,
+            "duplicate_frac": _frac(self.duplicates, r),
+            "diversity": {
+                "mean_distinct_frac": _frac(distinct_total, n_total),
+                "all_distinct_prompts": sum(c for (d, k), c in self.diversity.items() if d == k),
+                "all_identical_prompts": sum(c for (d, k), c in self.diversity.items() if d == 1 and k > 1),
+                "distinct_of_n": {f"{d}/{k}": c for (d, k), c in sorted(self.diversity.items())},
+            }
+            if self.has_groups
+            else None,
+        }
+        return out
+
+
+def _frac(a: int, b: int) -> float | None:
+    return round(a / b, 6) if b else None
+
+
+def _value_counts(arr: pa.Array) -> tuple[list[Any], list[int]]:
+    if len(arr) == 0:
+        return [], []
+    vc = pc.value_counts(arr)
+    return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
+
+
+# ---- throughput from a run directory ----
+
+
+def _epoch(value: Any) -> float | None:
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+def _read_markers(folder: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    found, unreadable = {}, 0
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError):
+            unreadable += 1
+            continue
+        if isinstance(data, dict):
+            found[p.stem] = data
+    return found, unreadable
+
+
+def run_throughput(run_dir: str | Path) -> dict[str, Any]:
+    """Throughput of a run from its done markers (and progress of unfinished shards from heartbeats)."""
+    root = Path(run_dir)
+    done, bad_done = _read_markers(root / "done")
+    beats, _ = _read_markers(root / "heartbeats")
+    total_shards = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        total_shards = len(json.loads((root / "manifest.json").read_text()).get("shards", []))
+
+    def total(key: str) -> float:
+        return sum(float(m[key]) for m in done.values() if isinstance(m.get(key), (int, float)))
+
+    tokens, prompts, samples, busy = total("output_tokens"), total("prompts"), total("samples"), total("elapsed_s")
+    starts = [t for m in done.values() if (t := _epoch(m.get("started"))) is not None]
+    ends = [t for m in done.values() if (t := _epoch(m.get("finished"))) is not None]
+    wall = max(ends) - min(starts) if starts and ends and max(ends) > min(starts) else None
+    per_shard = [
+        float(m["output_tokens"]) / float(m["elapsed_s"])
+        for m in done.values()
+        if isinstance(m.get("output_tokens"), (int, float))
+        and isinstance(m.get("elapsed_s"), (int, float))
+        and m["elapsed_s"] > 0
+    ]
+    running = {k: v for k, v in beats.items() if k not in done}
+    return {
+        "shards_total": total_shards,
+        "shards_done": len(done),
+        "unreadable_done_markers": bad_done,
+        "shards_with_heartbeat_not_done": len(running),
+        "output_tokens": int(tokens),
+        "prompts": int(prompts),
+        "samples": int(samples),
+        "shard_seconds": round(busy, 3),
+        "wall_s": round(wall, 3) if wall else None,
+        "output_tokens_per_s": round(tokens / wall, 2) if wall else None,
+        "prompts_per_s": round(prompts / wall, 3) if wall else None,
+        "output_tokens_per_shard_s": round(tokens / busy, 2) if busy else None,
+        "per_shard_tokens_per_s": (
+            {
+                "min": round(min(per_shard), 2),
+                "mean": round(sum(per_shard) / len(per_shard), 2),
+                "max": round(max(per_shard), 2),
+            }
+            if per_shard
+            else None
+        ),
+    }
+
+
+# ---- the report ----
+
+
+def analyze(
+    input_path: str | Path, plot: str | Path | None = None, batch_rows: int | None = None, max_tokens: int | None = None
+) -> dict[str, Any]:
+    """Stream the input once and return the report dict; write the PNG if ``plot`` is given."""
+    source = open_source(input_path, batch_rows)
+    analysis = Analysis(source)
+    how = "given" if max_tokens is not None else ""
+    if source.run_dir is not None and max_tokens is None:
+        try:
+            max_tokens, how = source.run_dir.load_config().sampling.max_tokens, "run config"
+        except Exception as exc:  # noqa: BLE001 - the report is still useful without the cap
+            log.warning("could not read sampling.max_tokens from %s: %s", source.run_dir.config_path, exc)
+    if source.is_flattened:
+        cols = ["uid", "response", "response_tokens", "finish_reason", "prompt_tokens", "error"]
+        for batch in source.batches(cols):
+            analysis.add_flattened(batch)
+        analysis.add_flattened(None)
+    else:
+        cols = ["uid", "responses", "response_tokens", "finish_reasons", "prompt_tokens", "error"]
+        for batch in source.batches(cols):
+            analysis.add_merged(batch)
+    report = analysis.result(max_tokens, how)
+    if source.run_dir is not None:
+        report["throughput"] = run_throughput(source.run_dir.root)
+    if plot:
+        plot_report(report, analysis, plot)
+        report["plot"] = str(plot)
+    return report
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _dist(d: dict[str, Any]) -> str:
+    if not d.get("count"):
+        return "(none)"
+
+    def f(v: Any) -> str:
+        return f"{v:,.1f}" if isinstance(v, float) and not v.is_integer() else f"{int(v):,}"
+
+    return "  ".join(f"{k} {f(d[k])}" for k in ("min", "mean", "p50", "p90", "p99", "max"))
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The human-readable report."""
+    lines = [f"{r['input']} ({r['kind']})"]
+    add = lines.append
+    add(f"  rows                {r['rows']:,}" + (f"   prompts {r['prompts']:,}" if r["prompts"] is not None else ""))
+    per = ", ".join(f"{k} x {v:,}" for k, v in r["responses_per_prompt"].items())
+    add(f"  responses           {r['responses']:,}" + (f"   (responses per prompt: {per})" if per else ""))
+    add(
+        f"  error rows          {r['error_rows']:,}"
+        + (f"   ({_pct(_frac(r['error_rows'], r['prompts']))} of prompts)" if r["prompts"] else "")
+    )
+    for msg, n in list(r["errors"].items())[:3]:
+        add(f"      {n:>8,} x {msg[:100]}")
+    if r["rows_without_responses_or_error"]:
+        add(f"  rows with no responses and no error: {r['rows_without_responses_or_error']:,}")
+    add(f"  response tokens     {_dist(r['response_tokens'])}")
+    add(f"  response chars      {_dist(r['response_chars'])}")
+    add(f"  prompt tokens       {_dist(r['prompt_tokens'])}")
+    fin = "  ".join(f"{k} {v:,} ({_pct(_frac(v, r['responses']))})" for k, v in r["finish_reasons"].items())
+    add(f"  finish reasons      {fin or '(none)'}")
+    cap = f"max_tokens {r['max_tokens']:,} ({r['max_tokens_from']})" if r["max_tokens"] else "max_tokens unknown"
+    add(f"  hit max_tokens      {r['hit_max_tokens']:,} ({_pct(r['hit_max_tokens_frac'])}; finish 'length'; {cap})")
+    add(f"  empty responses     {r['empty_responses']:,} ({_pct(r['empty_frac'])}; empty or whitespace only)")
+    add(
+        f"  duplicate responses {r['duplicate_responses']:,} ({_pct(r['duplicate_frac'])}; same text as an earlier "
+        "response of the same prompt)"
+    )
+    dv = r["diversity"]
+    if dv:
+        add(
+            f"  diversity           mean distinct/n {_pct(dv['mean_distinct_frac'])}   all distinct "
+            f"{dv['all_distinct_prompts']:,} prompts   all identical {dv['all_identical_prompts']:,} prompts"
+        )
+        add("      distinct/n: " + "  ".join(f"{k} x {v:,}" for k, v in dv["distinct_of_n"].items()))
+    add(f"  percentiles         {r['percentiles']}")
+    t = r.get("throughput")
+    if t:
+        shards = f"{t['shards_done']:,}" + (f"/{t['shards_total']:,}" if t["shards_total"] is not None else "")
+        add(f"  shards done         {shards}   running (heartbeat, not done) {t['shards_with_heartbeat_not_done']:,}")
+        add(
+            f"  generated           {t['output_tokens']:,} output tokens, {t['prompts']:,} prompts, "
+            f"{t['samples']:,} samples in {t['shard_seconds']:,.0f} shard-seconds"
+        )
+        if t["wall_s"]:
+            add(
+                f"  throughput          {t['output_tokens_per_s']:,.1f} output tokens/s, {t['prompts_per_s']:,.2f} "
+                f"prompts/s over {t['wall_s']:,.0f} s wall (first start to last finish)"
+            )
+        if t["per_shard_tokens_per_s"]:
+            p = t["per_shard_tokens_per_s"]
+            add(f"  per shard           tokens/s min {p['min']:,.1f}  mean {p['mean']:,.1f}  max {p['max']:,.1f}")
+    if r.get("plot"):
+        add(f"  plot                {r['plot']}")
+    return "\n".join(lines)
+
+
+def plot_report(r: dict[str, Any], analysis: Analysis, path: str | Path) -> None:
+    """A 2x2 PNG: token and char histograms (max_tokens marked), finish reasons, per-prompt diversity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    (ax_tok, ax_chr), (ax_fin, ax_div) = axes
+    for ax, hist, what in ((ax_tok, analysis.tokens, "response tokens"), (ax_chr, analysis.chars, "response chars")):
+        edges, heights = hist.bins()
+        ax.stairs(heights, edges, fill=True, color="#4878a8")
+        s = hist.summary()
+        ax.set_title(
+            f"{what}: p50 {s['p50'] or 0:,.0f}  p90 {s['p90'] or 0:,.0f}  p99 {s['p99'] or 0:,.0f}  "
+            f"max {s['max'] or 0:,}"
+        )
+        ax.set_xlabel(what)
+        ax.set_ylabel("responses")
+        for q, style in (("p50", ":"), ("p90", "--")):
+            if s[q] is not None:
+                ax.axvline(s[q], color="gray", linestyle=style, linewidth=1, label=f"{q} {s[q]:,.0f}")
+        if what == "response tokens" and r["max_tokens"]:
+            ax.axvline(
+                r["max_tokens"],
+                color="crimson",
+                linewidth=2,
+                label=f"max_tokens {r['max_tokens']:,}: {_pct(r['hit_max_tokens_frac'])} hit it",
+            )
+        if hist.count:
+            ax.legend(loc="best", fontsize=8, framealpha=0.8)
+    names = list(r["finish_reasons"]) or ["(none)"]
+    counts = [r["finish_reasons"].get(n, 0) for n in names]
+    colors = ["crimson" if n == "length" else "#6a9955" if n == "stop" else "#c08a30" for n in names]
+    bars = ax_fin.bar(names, counts, color=colors)
+    for b, c in zip(bars, counts, strict=True):
+        ax_fin.annotate(
+            f"{c:,}\n{_pct(_frac(c, r['responses']))}",
+            (b.get_x() + b.get_width() / 2, b.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax_fin.set_title("finish reasons (length = hit max_tokens)")
+    ax_fin.set_ylabel("responses")
+    ax_fin.margins(y=0.2)
+    dv = r["diversity"]
+    if dv and dv["distinct_of_n"]:
+        labels = list(dv["distinct_of_n"])
+        # Numeric positions: matplotlib would read labels like "1/4" as dates.
+        ax_div.bar(range(len(labels)), list(dv["distinct_of_n"].values()), color="#8064a2", tick_label=labels)
+        ax_div.set_title(f"distinct responses per prompt (mean distinct/n {_pct(dv['mean_distinct_frac'])})")
+        ax_div.set_xlabel("distinct / n")
+        ax_div.set_ylabel("prompts")
+        if len(labels) > 12:
+            ax_div.tick_params(axis="x", labelrotation=90, labelsize=7)
+    else:
+        ax_div.set_axis_off()
+        ax_div.text(0.5, 0.5, "no per-prompt diversity (no uid column or no responses)", ha="center")
+    fig.suptitle(
+        f"{Path(r['input']).name}: {r['rows']:,} rows, {r['responses']:,} responses, {r['error_rows']:,} error rows "
+        f"({_pct(_frac(r['error_rows'], r['prompts'] or r['rows']))}), empty {_pct(r['empty_frac'])}, "
+        f"duplicates {_pct(r['duplicate_frac'])}, hit max_tokens {_pct(r['hit_max_tokens_frac'])}",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    add_input_args(parser, output=False)
+    parser.add_argument("--plot", default=None, help="Write a PNG of length histograms, finish reasons, diversity.")
+    parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
+    parser.add_argument(
+        "--max_tokens",
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="The sampling cap to mark (default: the run config's, or inferred from 'length' finishes).",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.plot and not str(args.plot).lower().endswith(".png"):
+        raise HpcRolloutError(f"--plot {args.plot}: give a .png path")
+    report = analyze(args.input, plot=args.plot, batch_rows=args.batch_rows, max_tokens=args.max_tokens)
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_standalone(__doc__.splitlines()[0], add_cli_args, main))
