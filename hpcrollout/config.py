@@ -22,8 +22,12 @@ class DataConfig(_Section):
 
     input: str | None = Field(None, description="Input Parquet file with a prompt column.")
     prompt_column: str = Field("prompt", description="Column holding a list of {role, content} messages, or a string.")
-    id_column: str | None = Field(None, description="Column with a unique id per row; otherwise ids derive from content and position.")
-    max_prompt_chars: int = Field(1_000_000, gt=0, description="Longer prompts become error records instead of being sent.")
+    id_column: str | None = Field(
+        None, description="Column with a unique id per row; otherwise ids derive from content and position."
+    )
+    max_prompt_chars: int = Field(
+        1_000_000, gt=0, description="Longer prompts become error records instead of being sent."
+    )
 
 
 class ModelConfig(_Section):
@@ -39,7 +43,9 @@ class ModelConfig(_Section):
 class EngineConfig(_Section):
     """Engine options. vLLM keys pass through to vllm.LLM; `kwargs` carries any other engine arg."""
 
-    tensor_parallel_size: int | None = Field(None, ge=1, description="Default: the GPUs SLURM gave the task (1 without SLURM).")
+    tensor_parallel_size: int | None = Field(
+        None, ge=1, description="Default: the GPUs SLURM gave the task (1 without SLURM)."
+    )
     pipeline_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
     max_model_len: int | None = Field(None, gt=0)
@@ -53,7 +59,6 @@ class EngineConfig(_Section):
     seed: int = 0
     load_format: str | None = Field(None, description="'dummy' gives random weights (benchmarks without a download).")
     device: str = Field("auto", description="transformers backend only: cpu, cuda, or auto.")
-    batch_size: int = Field(8, ge=1, description="transformers backend only: prompts decoded together.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Any other vLLM engine argument, passed as is.")
 
 
@@ -155,7 +160,9 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         if self.sampling.n > 1 and self.sampling.temperature == 0:
-            raise ValueError("sampling.n > 1 with sampling.temperature 0 gives n identical responses; raise the temperature")
+            raise ValueError(
+                "sampling.n > 1 with sampling.temperature 0 gives n identical responses; raise the temperature"
+            )
         return self
 
     def require(self, *dotted: str) -> None:
@@ -248,7 +255,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> RunConfig:
     """YAML file (optional), then ``base`` keys, then dotted ``--set`` overrides; validated once."""
     tree: dict[str, Any] = read_yaml(path) if path else {}
     source = str(path) if path else "command line"

@@ -164,7 +164,7 @@ class RunDir:
         return build_config(read_yaml(self.config_path), str(self.config_path))
 
     def write_heartbeat(self, shard: int, **fields: Any) -> None:
-        fields.update(host=socket.gethostname(), pid=os.getpid(), time=time.time())
+        fields.update(shard=shard, host=socket.gethostname(), pid=os.getpid(), time=time.time())
         for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT"):
             if var in os.environ:
                 fields[var.lower()] = os.environ[var]

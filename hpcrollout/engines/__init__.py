@@ -10,7 +10,16 @@ from hpcrollout.errors import HpcRolloutError
 if TYPE_CHECKING:
     from hpcrollout.config import RunConfig
 
-__all__ = ["Engine", "PromptRequest", "PromptResult", "Sample", "prompt_seed", "create_engine", "allocated_gpus", "tensor_parallel_size"]
+__all__ = [
+    "Engine",
+    "PromptRequest",
+    "PromptResult",
+    "Sample",
+    "prompt_seed",
+    "create_engine",
+    "allocated_gpus",
+    "tensor_parallel_size",
+]
 
 
 def allocated_gpus() -> int:

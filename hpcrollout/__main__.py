@@ -1,0 +1,3 @@
+from hpcrollout.cli import main
+
+raise SystemExit(main())

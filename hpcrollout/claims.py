@@ -1,0 +1,461 @@
+"""Dynamic load balancing: array tasks claim work units (shards) from the run directory, no server.
+
+Each task in dynamic mode loops: claim the next claimable unit in longest-expected-work-first order, process it
+while a background thread renews its lease, release it, repeat; it exits when nothing is claimable, so finished
+tasks free their GPUs early. Late-starting or added tasks simply join. A unit whose claimant died (its lease ran
+out) is reclaimed by another task.
+
+Files (under RUN_DIR/claims/)::
+
+  00012.g0        generation 0 of shard 12's claim: {owner, token, host, pid, slurm ids, generation, acquired,
+                  lease_until, released}; created exclusively (temp file + os.link, atomic on NFS too), then
+                  renewed/released only by its owner through an atomic replace of the same name
+  00012.g1        generation 1: a reclaim of an expired/released g0, again created exclusively
+  scan/E.lock     at most one task per epoch E (lease_s / 2 long) scans all claims for expired ones ...
+  scan/E.json     ... and publishes them here, so the run reads O(units) files per epoch, not per task
+
+Protocol. The holder of a shard is the owner of its highest generation file while that file's lease is valid.
+- Claim: the first free unit gets ``g0`` by exclusive create; among several claimers exactly one link succeeds.
+- Renew (owner only, every lease_s / 4): replace ``gN`` with a later lease_until, then check that ``g{N+1}`` does
+  not exist; if it does, the claim is lost. An owner whose own lease already ran out never extends ``gN``: it
+  tries to create ``g{N+1}`` itself, which succeeds only if nobody reclaimed it meanwhile.
+- Reclaim: a unit whose top ``gN`` is released, or whose lease_until + margin_s has passed on the reclaimer's
+  clock, is taken by creating ``g{N+1}`` exclusively: among several reclaimers exactly one wins. The winner then
+  re-reads ``gN``; if the owner renewed in between, the winner does not take the unit and leaves ``g{N+1}`` as an
+  "abandoned" claim that expires when the owner's renewed lease would, so the old owner loses at its next
+  renewal and nobody holds the unit twice.
+- Release: the owner rewrites ``gN`` with released=true; the unit is claimable at once (if not done).
+
+Time and clocks. Leases hold wall-clock times written by the owner and compared by other nodes. Assumption: node
+clocks agree within ``margin_s`` (default lease_s / 8 = 15 s; NTP keeps cluster nodes within milliseconds), and
+the filesystem gives close-to-open consistency with name caches (NFS acdirmax) shorter than the margin. If these
+fail, a live unit may be reclaimed early: that costs duplicated work, never duplicated output, because exactly-once
+output rests only on the worker linking ``outputs/SHARD.parquet`` create-if-absent (a stale claimant finishing late
+loses that race). Claim files are soft state and are not fsynced: losing them in a server crash only causes rework.
+The time source is injectable (``clock``) so the simulation can drive the real code with virtual time.
+
+End of the run. ``claim_next`` returns None when every unit not done is held by a live claimant; it then sets
+``retry_at`` if some holder already missed renewals (a suspected death), and ``wait_for_claim`` sleeps until that
+lease expires to reclaim the unit. A holder that dies after all other tasks have exited leaves its unit for
+``hpcrollout resume``.
+
+Static mode (``sharding.mode: static``) needs none of this: task i runs its own contiguous shards. Use it where
+the filesystem's link/rename is not atomic or clocks cannot be trusted; the price is that the array waits for its
+slowest task (long-tailed outputs, slow nodes, late starts), see .notes/balancing_results.md.
+
+Usage in a worker::
+
+    board = ClaimBoard(run_dir, owner)
+    while (claim := board.wait_for_claim()) is not None:
+        try:
+            with board.keeper(claim):          # renews in a thread; claim.lost turns True if it is taken
+                run_shard(run_dir, claim.shard, should_stop=lambda: claim.lost)
+        finally:
+            board.release(claim)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hpcrollout.rundir import RunDir, shard_name
+
+log = logging.getLogger("hpcrollout")
+
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
+
+
+def order_by_expected_work(manifest: dict[str, Any]) -> list[int]:
+    """Shard indices, longest expected work first (ties: input order), so the run's tail is short units."""
+    shards = manifest["shards"]
+
+    def work(i: int) -> float:
+        entry = shards[i]
+        for key in ("est_work", "est_tokens", "num_rows", "rows"):
+            if isinstance(entry, dict) and key in entry:
+                return float(entry[key])
+        return 0.0
+
+    return sorted(range(len(shards)), key=lambda i: (-work(i), i))
+
+
+def default_owner() -> str:
+    """A readable owner name: host, pid and SLURM array ids when present."""
+    parts = [socket.gethostname(), str(os.getpid())]
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        parts.append(f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}")
+    elif "SLURM_JOB_ID" in os.environ:
+        parts.append(os.environ["SLURM_JOB_ID"])
+    return ":".join(parts)
+
+
+@dataclass
+class Claim:
+    """One held unit; ``lost`` turns True when another task took it (stop working on it)."""
+
+    shard: int
+    generation: int
+    token: str
+    acquired: float
+    lease_until: float
+    lost: bool = False
+    released: bool = False
+    # (generation, start, end) of each interval this claimant validly held the unit; for tests and logs
+    intervals: list[list[float]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+def _write_tmp(directory: Path, name: str, data: dict[str, Any]) -> Path:
+    tmp = directory / f".{name}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, sort_keys=True))
+    return tmp
+
+
+def create_exclusive(path: Path, data: dict[str, Any]) -> bool:
+    """Create path with this JSON content if it does not exist; True if we created it (atomic, NFS-safe)."""
+    tmp = _write_tmp(path.parent, path.name, data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        # NFS may report an error for a retransmitted link that did succeed: the temp file's link count tells
+        return os.stat(tmp).st_nlink == 2
+    finally:
+        tmp.unlink()
+
+
+def _replace(path: Path, data: dict[str, Any]) -> None:
+    os.replace(_write_tmp(path.parent, path.name, data), path)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        # only a foreign or damaged file can be unparsable (writes are atomic); treat it as released
+        log.warning("claim file %s is unreadable; treating it as released", path)
+        return {"released": True, "lease_until": 0.0, "token": ""}
+
+
+class ClaimBoard:
+    """One task's view of the claims of a run directory (see the module docstring for the protocol)."""
+
+    def __init__(
+        self,
+        run_dir: RunDir,
+        owner: str | None = None,
+        *,
+        order: list[int] | None = None,
+        lease_s: float = 120.0,
+        margin_s: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.run_dir = run_dir
+        self.owner = owner or default_owner()
+        self.order = order if order is not None else order_by_expected_work(run_dir.manifest())
+        self.lease_s = lease_s
+        self.margin_s = lease_s / 8 if margin_s is None else margin_s
+        self.renew_every = lease_s / 4
+        self.scan_every = lease_s / 2
+        self.clock = clock
+        self.token = uuid.uuid4().hex
+        self.retry_at: float | None = None  # set by claim_next when a suspect lease may soon become claimable
+        self.dir = run_dir.claims_dir
+        (self.dir / "scan").mkdir(parents=True, exist_ok=True)
+        self._ident = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid()}
+        self._ident.update({v.lower(): os.environ[v] for v in SLURM_VARS if v in os.environ})
+        self._top: dict[int, int] = {}  # highest generation seen per shard (never decreases)
+        self._done: set[int] = set()
+        self._next = 0  # index into order: every unit before it has been claimed at least once (or is done)
+        self._hint_epoch = -1
+        self._hints: list[int] = []
+
+    # files
+    def path(self, shard: int, generation: int) -> Path:
+        return self.dir / f"{shard_name(shard)}.g{generation}"
+
+    def _content(self, claim: Claim, **extra: Any) -> dict[str, Any]:
+        data = dict(self._ident, token=claim.token, shard=claim.shard, generation=claim.generation)
+        data.update(acquired=claim.acquired, lease_until=claim.lease_until, released=False)
+        data.update(extra)
+        return data
+
+    def _top_of(self, shard: int) -> tuple[int, dict[str, Any] | None]:
+        """Highest existing generation of a shard's claim and its content; (-1, None) if never claimed."""
+        gen = self._top.get(shard, 0)
+        if gen == 0 and not self.path(shard, 0).exists():
+            return -1, None
+        while self.path(shard, gen + 1).exists():
+            gen += 1
+        self._top[shard] = gen
+        return gen, _read(self.path(shard, gen))
+
+    def _claimable(self, data: dict[str, Any] | None, now: float) -> bool:
+        if data is None or data.get("token") == self.token:
+            return False
+        return bool(data.get("released")) or now > float(data["lease_until"]) + self.margin_s
+
+    def _is_done(self, shard: int, is_done: Callable[[int], bool]) -> bool:
+        if shard in self._done:
+            return True
+        if is_done(shard):
+            self._done.add(shard)
+            return True
+        return False
+
+    # claiming
+    def claim_next(self, is_done: Callable[[int], bool] | None = None) -> Claim | None:
+        """Claim the next unit (reclaims of dead claimants first, then fresh units in order); None: none free."""
+        is_done = is_done or self.run_dir.is_done
+        self.retry_at = None
+        now = self.clock()
+        for shard in self._reclaim_hints(is_done, now):
+            self._hints.remove(shard)
+            if not self._is_done(shard, is_done) and (claim := self._take(shard, is_done)):
+                return claim
+        if claim := self._claim_fresh(is_done):
+            return claim
+        # end game: look at every unit ourselves (the published scan may be up to scan_every old)
+        claimable, suspects = self._scan(is_done, self.clock(), stop_at_fresh=False)
+        for shard in claimable:
+            if claim := self._take(shard, is_done):
+                return claim
+        if suspects:
+            self.retry_at = min(suspects)
+        return None
+
+    def wait_for_claim(
+        self, is_done: Callable[[int], bool] | None = None, sleep: Callable[[float], None] = time.sleep
+    ) -> Claim | None:
+        """claim_next, but wait for units whose holder missed renewals (probably dead) to expire; None: all done/held."""
+        while True:
+            claim = self.claim_next(is_done)
+            if claim is not None or self.retry_at is None:
+                return claim
+            log.info("all units held; waiting %.0f s for a lease that missed renewals", self.retry_at - self.clock())
+            sleep(max(0.0, self.retry_at - self.clock()) + 0.01)
+
+    def _claim_fresh(self, is_done: Callable[[int], bool]) -> Claim | None:
+        order = self.order
+        while self._next < len(order):
+            shard = order[self._next]
+            if self._is_done(shard, is_done):
+                self._next += 1
+            elif self.path(shard, 0).exists():
+                self._next = self._gallop(self._next)
+            else:
+                claim = self._create(shard, 0)
+                self._next += 1
+                if claim is not None:
+                    return claim
+        return None
+
+    def _gallop(self, i: int) -> int:
+        """Given order[i] claimed, the next index whose g0 does not exist (claims grow as a prefix of the order)."""
+        order, n = self.order, len(self.order)
+
+        def claimed(j: int) -> bool:
+            return self.path(order[j], 0).exists()
+
+        lo, step = i, 1
+        while lo + step < n and claimed(lo + step):
+            lo, step = lo + step, step * 2
+        hi = min(lo + step, n)  # order[hi] unclaimed or past the end; order[lo] claimed
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if claimed(mid) else (lo, mid)
+        return hi
+
+    def _create(self, shard: int, generation: int) -> Claim | None:
+        now = self.clock()
+        claim = Claim(shard, generation, self.token, acquired=now, lease_until=now + self.lease_s)
+        if not create_exclusive(self.path(shard, generation), self._content(claim)):
+            self._top[shard] = max(self._top.get(shard, 0), generation)
+            return None
+        self._top[shard] = generation
+        claim.intervals.append([generation, now, now])
+        return claim
+
+    def _take(self, shard: int, is_done: Callable[[int], bool]) -> Claim | None:
+        """Claim one shard that looked free or expired; race-free among several takers."""
+        gen, data = self._top_of(shard)
+        if gen < 0:
+            return self._create(shard, 0)
+        if not self._claimable(data, self.clock()):
+            return None
+        claim = self._create(shard, gen + 1)
+        if claim is None:
+            return None
+        # the old owner may have renewed between our read and our create: then it keeps the unit until it
+        # notices g{N+1} at its next renewal, and our g{N+1} stays unclaimable until its renewed lease ends
+        again = _read(self.path(shard, gen))
+        if not self._claimable(again, self.clock()):
+            until = float(again["lease_until"]) if again else claim.lease_until
+            claim.lease_until = until
+            _replace(self.path(shard, gen + 1), self._content(claim, abandoned=True))
+            return None
+        log.info("reclaimed shard %s from %s (generation %d)", shard_name(shard), (data or {}).get("owner"), gen + 1)
+        if self._is_done(shard, is_done):
+            self.release(claim)
+            return None
+        return claim
+
+    # scanning for expired claims
+    def _scan(self, is_done: Callable[[int], bool], now: float, stop_at_fresh: bool) -> tuple[list[int], list[float]]:
+        """Claimable (expired/released) units in order, and expiry times of live leases that missed renewals."""
+        claimable: list[int] = []
+        suspects: list[float] = []
+        for shard in self.order:
+            if self._is_done(shard, is_done):
+                continue
+            gen, data = self._top_of(shard)
+            if gen < 0:
+                if stop_at_fresh:
+                    break  # units are claimed as a prefix of the order: nothing beyond is expired yet
+                continue
+            if self._claimable(data, now):
+                claimable.append(shard)
+            elif data is not None and data.get("token") != self.token:
+                until = float(data["lease_until"])
+                if until - now < self.lease_s / 2:  # a healthy holder keeps >= 3/4 lease_s ahead
+                    suspects.append(until + self.margin_s)
+        return claimable, suspects
+
+    def _reclaim_hints(self, is_done: Callable[[int], bool], now: float) -> list[int]:
+        """Expired units published by this epoch's scanner (one task per epoch scans; the others read)."""
+        epoch = int(now // self.scan_every)
+        if epoch != self._hint_epoch:
+            self._hint_epoch = epoch
+            scan = self.dir / "scan"
+            if create_exclusive(scan / f"{epoch}.lock", {"owner": self.owner, "time": now}):
+                self._hints, _ = self._scan(is_done, now, stop_at_fresh=True)
+                _replace(scan / f"{epoch}.json", {"expired": self._hints, "owner": self.owner, "time": now})
+                for old in (epoch - 3, epoch - 4):
+                    for suffix in (".lock", ".json"):
+                        (scan / f"{old}{suffix}").unlink(missing_ok=True)
+            else:
+                published = _read(scan / f"{epoch}.json") or _read(scan / f"{epoch - 1}.json") or {}
+                self._hints = [int(s) for s in published.get("expired", [])]
+        return list(self._hints)
+
+    # holding
+    def renew(self, claim: Claim) -> bool:
+        """Extend the lease; False if the claim was lost (another task took the unit: stop working on it)."""
+        with claim.lock:
+            if claim.lost or claim.released:
+                return not claim.lost
+            now = self.clock()
+            if now >= claim.lease_until:
+                # our lease ran out (paused process, overloaded node): never extend it; take the next
+                # generation instead, which succeeds only if nobody reclaimed the unit meanwhile
+                successor = self.path(claim.shard, claim.generation + 1)
+                nxt = Claim(claim.shard, claim.generation + 1, self.token, claim.acquired, now + self.lease_s)
+                if create_exclusive(successor, self._content(nxt)):
+                    log.warning("lease of shard %s lapsed; re-acquired it", shard_name(claim.shard))
+                    claim.intervals[-1][2] = claim.lease_until
+                    claim.generation, claim.lease_until = nxt.generation, nxt.lease_until
+                    claim.intervals.append([claim.generation, now, now])
+                    return True
+                return self._lose(claim, end=claim.lease_until)
+            claim.lease_until = now + self.lease_s
+            _replace(self.path(claim.shard, claim.generation), self._content(claim))
+            if self.path(claim.shard, claim.generation + 1).exists():
+                return self._lose(claim, end=now)
+            claim.intervals[-1][2] = now
+            return True
+
+    def _lose(self, claim: Claim, end: float) -> bool:
+        log.warning("lost the claim on shard %s to another task", shard_name(claim.shard))
+        claim.lost = True
+        claim.intervals[-1][2] = max(claim.intervals[-1][2], end)
+        return False
+
+    def holds(self, claim: Claim) -> bool:
+        """True while the lease is valid by our clock and nobody took the unit (cheap: one stat)."""
+        if claim.lost or claim.released or self.clock() >= claim.lease_until:
+            return False
+        return not self.path(claim.shard, claim.generation + 1).exists()
+
+    def release(self, claim: Claim) -> None:
+        """Give the unit up (done or not): claimable at once by others if not done."""
+        with claim.lock:
+            if claim.released:
+                return
+            claim.released = True
+            now = self.clock()
+            if claim.lost:
+                return
+            if now < claim.lease_until and not self.path(claim.shard, claim.generation + 1).exists():
+                claim.intervals[-1][2] = now
+            else:
+                claim.intervals[-1][2] = claim.lease_until
+            _replace(self.path(claim.shard, claim.generation), self._content(claim, released=True))
+
+    def keeper(self, claim: Claim, on_lost: Callable[[Claim], None] | None = None) -> LeaseKeeper:
+        """A context manager renewing the claim from a background thread."""
+        return LeaseKeeper(self, claim, on_lost=on_lost)
+
+    # reporting
+    def status(self) -> dict[int, dict[str, Any]]:
+        """Per shard with a claim: state (held/expired/released/abandoned), holder, generation, expiry."""
+        now = self.clock()
+        out: dict[int, dict[str, Any]] = {}
+        for shard in sorted(self.order):
+            gen, data = self._top_of(shard)
+            if gen < 0 or data is None:
+                continue
+            until = float(data.get("lease_until", 0.0))
+            if data.get("released"):
+                state = "released"
+            elif now > until + self.margin_s:
+                state = "expired"
+            else:
+                state = "abandoned" if data.get("abandoned") else "held"
+            info = {k: data.get(k) for k in ("owner", "host", "pid", *(v.lower() for v in SLURM_VARS)) if k in data}
+            info.update(state=state, generation=gen, lease_until=until, expires_in=until - now)
+            out[shard] = info
+        return out
+
+
+class LeaseKeeper:
+    """Renews a claim every lease_s / 4 from a daemon thread; sets claim.lost (and calls on_lost) if it is taken."""
+
+    def __init__(self, board: ClaimBoard, claim: Claim, on_lost: Callable[[Claim], None] | None = None) -> None:
+        self.board, self.claim, self.on_lost = board, claim, on_lost
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{claim.shard}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.board.renew_every):
+            try:
+                ok = self.board.renew(self.claim)
+            except OSError as exc:  # a filesystem hiccup: try again next period; the lease still has time
+                log.warning("renewing the claim on shard %s failed: %s", shard_name(self.claim.shard), exc)
+                continue
+            if not ok:
+                if self.on_lost is not None:
+                    self.on_lost(self.claim)
+                return
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

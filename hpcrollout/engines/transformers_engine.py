@@ -1,0 +1,216 @@
+"""The transformers backend: the same pipeline on CPU (what CI runs) or one GPU, without vLLM.
+
+Each prompt is decoded as one batch of its n samples with a KV cache, every sample drawing from its own
+torch.Generator seeded with (prompt seed + sample index). A prompt's samples therefore depend only on the
+model, the prompt, the sampling settings and the seed, never on which other prompts ran before it: a killed
+and resumed shard reproduces exactly the samples an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from hpcrollout.engines import tensor_parallel_size
+from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
+from hpcrollout.errors import HpcRolloutError
+
+log = logging.getLogger("hpcrollout")
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        started = time.time()
+        self.torch = torch
+        mc, ec = config.model, config.engine
+        device = ec.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        dtype = {
+            "auto": None,
+            "float32": torch.float32,
+            "float16": torch.float16,
+            "bfloat16": torch.bfloat16,
+            "half": torch.float16,
+            "float": torch.float32,
+        }.get(ec.dtype)
+        if dtype is None:
+            if ec.dtype != "auto":
+                raise HpcRolloutError(f"engine.dtype: {ec.dtype!r} is not supported by the transformers backend")
+            dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                mc.tokenizer or mc.path, trust_remote_code=mc.trust_remote_code
+            )
+            self.model = AutoModelForCausalLM.from_pretrained(
+                mc.path, dtype=dtype, trust_remote_code=mc.trust_remote_code
+            )
+        except OSError as exc:
+            raise HpcRolloutError(f"model.path: cannot load {mc.path!r}: {exc}") from None
+        self.model.to(self.device).eval()
+        if mc.chat_template:
+            self.tokenizer.chat_template = Path(mc.chat_template).read_text()
+        self.max_model_len = ec.max_model_len or getattr(self.model.config, "max_position_embeddings", None) or 4096
+        eos = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                eos.add(source)
+            elif isinstance(source, (list, tuple)):
+                eos.update(source)
+        self.eos_ids = eos
+        self.stop_ids = set(config.sampling.stop_token_ids)
+        # transformers 5.2x renamed past_key_values to cache; older releases only know the old name
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self.start_s = time.time() - started
+        self._versions = {"transformers": transformers.__version__, "torch": torch.__version__}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "tensor_parallel_size": tensor_parallel_size(self.config),
+            "engine_start_s": round(self.start_s, 3),
+            **self._versions,
+        }
+
+    def close(self) -> None:
+        self.model = None
+
+    # prompts -> token ids
+    def render(self, request: PromptRequest) -> list[int]:
+        if request.messages is not None:
+            text = self.tokenizer.apply_chat_template(
+                request.messages, add_generation_prompt=True, tokenize=False, **self.config.model.chat_template_kwargs
+            )
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(request.text, add_special_tokens=True)["input_ids"]
+
+    def generate(self, requests: Iterable[PromptRequest]) -> Iterator[PromptResult]:
+        for request in requests:
+            try:
+                ids = self.render(request)
+            except Exception as exc:  # a template that rejects this conversation fails the row, not the shard
+                yield PromptResult.failed(request, f"chat template failed: {type(exc).__name__}: {exc}")
+                continue
+            if len(ids) >= self.max_model_len:
+                yield PromptResult.failed(
+                    request, f"prompt has {len(ids)} tokens, more than max_model_len={self.max_model_len} allows"
+                )
+                continue
+            yield self._sample(request, ids)
+
+    def _sample(self, request: PromptRequest, prompt_ids: list[int]) -> PromptResult:
+        torch = self.torch
+        sp = self.config.sampling
+        n = sp.n
+        budget = min(sp.max_tokens, self.max_model_len - len(prompt_ids))
+        gens = [torch.Generator().manual_seed(request.seed + i) for i in range(n)]
+        prompt = torch.tensor([prompt_ids] * n, dtype=torch.long, device=self.device)
+        generated: list[list[int]] = [[] for _ in range(n)]
+        chosen_logprobs: list[list[float]] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        stop_reason: list[str | None] = [None] * n
+        texts: list[str | None] = [None] * n  # set when a stop string cut the text
+        counts = torch.zeros((n, self.model.config.vocab_size), dtype=torch.float32)
+        seen = torch.zeros_like(counts, dtype=torch.bool)
+        seen[:, torch.tensor(prompt_ids)] = True
+        past, step_input = None, prompt
+        with torch.inference_mode():
+            for _ in range(budget):
+                out = self.model(input_ids=step_input, use_cache=True, logits_to_keep=1, **{self._cache_arg: past})
+                past = getattr(out, self._cache_arg)
+                logits = out.logits[:, -1, :].float().cpu()
+                raw_logprobs = torch.log_softmax(logits, dim=-1) if sp.logprobs else None
+                tokens = self._choose(self._process(logits, counts, seen), gens)
+                for i, tok in enumerate(tokens):
+                    if finish[i] is not None:
+                        continue
+                    generated[i].append(tok)
+                    if raw_logprobs is not None:
+                        chosen_logprobs[i].append(float(raw_logprobs[i, tok]))
+                    counts[i, tok] += 1
+                    seen[i, tok] = True
+                    if not sp.ignore_eos and tok in self.eos_ids:
+                        finish[i] = "stop"
+                    elif tok in self.stop_ids:
+                        finish[i], stop_reason[i] = "stop", str(tok)
+                    elif sp.stop:
+                        text = self._decode(generated[i])
+                        hit = min(((text.find(s), s) for s in sp.stop if s in text), default=None)
+                        if hit is not None:
+                            finish[i], stop_reason[i], texts[i] = "stop", hit[1], text[: hit[0]]
+                if all(f is not None for f in finish):
+                    break
+                step_input = torch.tensor(
+                    [[g[-1] if g else 0] for g in generated], dtype=torch.long, device=self.device
+                )
+        samples = []
+        for i in range(n):
+            reason = finish[i] or "length"
+            text = texts[i]
+            if text is None:
+                ended_by_token = reason == "stop" and generated[i] and generated[i][-1] in self.eos_ids | self.stop_ids
+                text = self._decode(generated[i][:-1] if ended_by_token else generated[i])
+            samples.append(
+                Sample(
+                    text=text,
+                    num_tokens=len(generated[i]),
+                    finish_reason=reason,
+                    stop_reason=stop_reason[i],
+                    seed=request.seed + i,
+                    token_ids=list(generated[i]) if sp.return_token_ids else None,
+                    logprobs=chosen_logprobs[i] if sp.logprobs else None,
+                    cumulative_logprob=sum(chosen_logprobs[i]) if sp.logprobs else None,
+                )
+            )
+        return PromptResult(uid=request.uid, row=request.row, samples=samples, prompt_tokens=len(prompt_ids))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.config.sampling.skip_special_tokens)
+
+    def _process(self, logits, counts, seen):
+        """Penalties, temperature, top-k, top-p, min-p: the same order and meaning as vLLM's sampler."""
+        torch = self.torch
+        sp = self.config.sampling
+        if sp.repetition_penalty != 1.0:
+            penalised = torch.where(logits > 0, logits / sp.repetition_penalty, logits * sp.repetition_penalty)
+            logits = torch.where(seen, penalised, logits)
+        if sp.frequency_penalty:
+            logits = logits - sp.frequency_penalty * counts
+        if sp.presence_penalty:
+            logits = logits - sp.presence_penalty * (counts > 0).float()
+        if sp.temperature == 0:
+            return logits  # greedy: argmax below
+        logits = logits / sp.temperature
+        if sp.top_k and sp.top_k > 0 and sp.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, sp.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if sp.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            drop = probs.cumsum(dim=-1) - probs > sp.top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        if sp.min_p > 0:
+            probs = torch.softmax(logits, dim=-1)
+            logits = logits.masked_fill(probs < sp.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+        return logits
+
+    def _choose(self, logits, gens) -> list[int]:
+        torch = self.torch
+        if self.config.sampling.temperature == 0:
+            return logits.argmax(dim=-1).tolist()
+        probs = torch.softmax(logits, dim=-1)
+        return [int(torch.multinomial(probs[i], 1, generator=g)) for i, g in enumerate(gens)]

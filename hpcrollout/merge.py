@@ -1,0 +1,170 @@
+"""Merge a run's shard outputs into one Parquet file: input order, every input column, streaming.
+
+Refuses (clear error, non-zero exit) when any prompt is missing or doubled, naming the shards to rerun. Each
+shard's input and output are read in lockstep, batch by batch, and checked row for row, so memory stays
+bounded by the batch size whatever the run's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from hpcrollout.errors import HpcRolloutError
+from hpcrollout.rundir import RunDir, atomic_path
+from hpcrollout.schema import INTERNAL_COLUMNS, OPTIONAL_FIELDS, PART_ROW, RESULT_FIELDS, ROW, UID
+
+log = logging.getLogger("hpcrollout")
+
+
+def merged_schema(rundir: RunDir, shards: list[int]) -> pa.Schema:
+    """Input columns (minus internal ones), then result columns; optional ones if any shard has them."""
+    first = pq.read_schema(rundir.shard_input(shards[0]))
+    fields = [f for f in first if f.name not in INTERNAL_COLUMNS]
+    names = {f.name for f in fields}
+    fields += [f for f in RESULT_FIELDS if f.name not in names]
+    present: set[str] = set()
+    for s in shards:
+        present |= set(pq.read_schema(rundir.shard_output(s)).names)
+    fields += [f for name, f in OPTIONAL_FIELDS.items() if name in present]
+    return pa.schema(fields)
+
+
+def check_complete(rundir: RunDir) -> list[int]:
+    """All shards, or an error naming the unfinished ones and the command that finishes them."""
+    n = rundir.num_shards()
+    done = rundir.done_shards()
+    missing = [s for s in range(n) if s not in done or not rundir.shard_output(s).exists()]
+    if missing:
+        shown = ", ".join(f"{s:05d}" for s in missing[:20]) + (
+            f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+        )
+        raise HpcRolloutError(
+            f"{rundir.root}: {len(missing)} of {n} shards are not finished ({shown}); their prompts would be "
+            f"missing. See: hpcrollout status {rundir.root}; finish them with: hpcrollout resume {rundir.root} "
+            "(or merge what is done with --partial)"
+        )
+    return list(range(n))
+
+
+def _rebatched(pf: pq.ParquetFile, batch_rows: int, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """Tables of exactly batch_rows rows (the last one shorter), whatever the file's row groups."""
+    buf: list[pa.RecordBatch] = []
+    have = 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+        buf.append(batch)
+        have += batch.num_rows
+        while have >= batch_rows:
+            table = pa.Table.from_batches(buf)
+            yield table.slice(0, batch_rows)
+            rest = table.slice(batch_rows)
+            buf, have = rest.to_batches(), rest.num_rows
+    if have:
+        yield pa.Table.from_batches(buf)
+
+
+def iter_shard(
+    rundir: RunDir, shard: int, schema: pa.Schema, batch_rows: int, expect_row: int | None
+) -> Iterator[pa.RecordBatch]:
+    inp = pq.ParquetFile(rundir.shard_input(shard))
+    out = pq.ParquetFile(rundir.shard_output(shard))
+    if inp.metadata.num_rows != out.metadata.num_rows:
+        raise HpcRolloutError(
+            f"shard {shard:05d}: output has {out.metadata.num_rows} rows for {inp.metadata.num_rows} prompts "
+            f"({rundir.shard_output(shard)}); delete it and {rundir.done_marker(shard)}, then run: hpcrollout resume {rundir.root}"
+        )
+    outputs = _rebatched(out, batch_rows)
+    for left in _rebatched(inp, batch_rows):
+        right = next(outputs)
+        rows = left.column(ROW)
+        if not rows.equals(right.column(PART_ROW)) or not left.column(UID).equals(right.column("uid")):
+            raise HpcRolloutError(
+                f"shard {shard:05d}: output rows do not match the shard's prompts (missing or doubled); delete "
+                f"{rundir.shard_output(shard)} and {rundir.done_marker(shard)}, then run: hpcrollout resume {rundir.root}"
+            )
+        if expect_row is not None and rows[0].as_py() != expect_row:
+            raise HpcRolloutError(
+                f"shard {shard:05d} starts at row {rows[0].as_py()}, expected {expect_row}: the manifest and shards disagree"
+            )
+        if expect_row is not None:
+            expect_row += left.num_rows
+        columns = []
+        for field in schema:
+            if field.name in left.column_names and field.name not in right.column_names:
+                columns.append(left.column(field.name))
+            elif field.name in right.column_names:
+                columns.append(right.column(field.name).cast(field.type))
+            else:
+                columns.append(pa.nulls(left.num_rows, field.type))
+        yield from pa.Table.from_arrays(columns, schema=schema).to_batches()
+
+
+def iter_merged_batches(
+    run_dir: str | Path, *, batch_rows: int = 1024, partial: bool = False
+) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """The merged rows of a run as (schema, stream of record batches), in input order."""
+    rundir = RunDir(run_dir)
+    rundir.require()
+    if partial:
+        shards = sorted(s for s in rundir.done_shards() if rundir.shard_output(s).exists())
+        if not shards:
+            raise HpcRolloutError(f"{rundir.root}: no shard is finished yet; nothing to merge")
+    else:
+        shards = check_complete(rundir)
+    schema = merged_schema(rundir, shards)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        expect = None if partial else 0
+        for s in shards:
+            for batch in iter_shard(rundir, s, schema, batch_rows, expect):
+                if expect is not None:
+                    expect += batch.num_rows
+                yield batch
+
+    return schema, batches()
+
+
+def merge_run(run_dir: str | Path, output: str | Path, *, partial: bool = False) -> dict[str, Any]:
+    """Write the merged Parquet file atomically; returns counts."""
+    schema, batches = iter_merged_batches(run_dir, partial=partial)
+    rows = responses = errors = 0
+    output = Path(output)
+    with atomic_path(output) as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for batch in batches:
+                writer.write_batch(batch, row_group_size=4096)
+                rows += batch.num_rows
+                responses += pc.sum(pc.list_value_length(batch.column("responses"))).as_py() or 0
+                errors += batch.num_rows - batch.column("error").null_count
+    manifest = RunDir(run_dir).manifest()
+    if not partial and rows != manifest["num_rows"]:
+        raise HpcRolloutError(f"merged {rows} rows but the input had {manifest['num_rows']}")
+    return {"output": str(output), "rows": rows, "responses": responses, "errors": errors}
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir")
+    parser.add_argument("--output", "-o", required=True, help="merged Parquet file to write")
+    parser.add_argument("--partial", action="store_true", help="merge only the finished shards (rows will be missing)")
+
+
+def main(args: argparse.Namespace) -> int:
+    stats = merge_run(args.run_dir, args.output, partial=args.partial)
+    print(
+        f"merged {stats['rows']:,} prompts, {stats['responses']:,} responses, {stats['errors']:,} error rows "
+        f"-> {stats['output']}" + (" (partial)" if args.partial else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    from hpcrollout.cli import run_module
+
+    raise SystemExit(run_module(__name__, add_cli_args, main))

@@ -1,0 +1,118 @@
+"""A whole run on this machine: shard, generate, merge. The seed's `vllm_rollout.py`, resumable.
+
+    hpcrollout run --model_path M --input in.parquet --output out.parquet --n_samples 8 --max_tokens 2048
+
+Flags set config keys; `--config FILE` and `--set key=value` reach every other key (precedence: file, then
+flags, then --set). The run directory (default: OUTPUT.run/) keeps checkpoints: run the same command again
+after a crash and it continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+from hpcrollout.config import RunConfig, load_config
+from hpcrollout.errors import HpcRolloutError
+from hpcrollout.local import run_local
+from hpcrollout.merge import merge_run
+from hpcrollout.rundir import RunDir
+from hpcrollout.shard import prepare_run
+from hpcrollout.worker import run_task
+
+log = logging.getLogger("hpcrollout")
+
+# flag -> (dotted config key, type, help); each flag takes both the seed's underscore and a dash spelling
+FLAGS: dict[str, tuple[str, type, str]] = {
+    "model_path": ("model.path", str, "model directory or name"),
+    "input": ("data.input", str, "input Parquet file with a 'prompt' column"),
+    "run_dir": ("run_dir", str, "run directory for checkpoints (default: OUTPUT.run)"),
+    "backend": ("backend", str, "vllm (default) or transformers"),
+    "n_samples": ("sampling.n", int, "responses per prompt"),
+    "max_tokens": ("sampling.max_tokens", int, "max new tokens per response"),
+    "temperature": ("sampling.temperature", float, None),
+    "top_p": ("sampling.top_p", float, None),
+    "top_k": ("sampling.top_k", int, None),
+    "min_p": ("sampling.min_p", float, None),
+    "seed": ("sampling.seed", int, "run seed (per-prompt seeds derive from it)"),
+    "tensor_parallel_size": ("engine.tensor_parallel_size", int, "default: GPUs visible to the task"),
+    "gpu_memory_utilization": ("engine.gpu_memory_utilization", float, None),
+    "max_model_len": ("engine.max_model_len", int, None),
+    "max_num_seqs": ("engine.max_num_seqs", int, None),
+    "num_tasks": ("executor.num_tasks", int, "local array tasks (processes)"),
+    "parallelism": ("executor.local_parallelism", int, "local tasks run at once"),
+}
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", "-o", required=False, help="merged output Parquet file")
+    for flag, (key, typ, help_text) in FLAGS.items():
+        names = [f"--{flag}"] + ([f"--{flag.replace('_', '-')}"] if "_" in flag else [])
+        parser.add_argument(*names, dest=flag, type=typ, default=None, help=help_text or key)
+    parser.add_argument("--config", help="a run config YAML (any key; flags override it)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="set any config key"
+    )
+    parser.add_argument("--force", action="store_true", help="continue a run directory despite changed settings")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    base: dict[str, Any] = {
+        key: getattr(args, flag) for flag, (key, _, _) in FLAGS.items() if getattr(args, flag) is not None
+    }
+    base["executor.type"] = "local"
+    config = load_config(args.config, args.overrides, base)
+    if not config.run_dir:
+        if not args.output:
+            raise HpcRolloutError("give --output (and optionally --run_dir)")
+        config.run_dir = str(Path(args.output).with_suffix("")) + ".run"
+    return config
+
+
+def check_backend(config: RunConfig) -> None:
+    if config.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise HpcRolloutError(
+            "the default backend is vLLM, which is not installed here; install it (pip install 'hpcrollout[vllm]') "
+            "or run on CPU with --backend transformers"
+        )
+
+
+def run(config: RunConfig, output: str | Path | None, *, force: bool = False) -> dict[str, Any]:
+    """Prepare (or reopen) the run directory, run every task here, merge into output."""
+    check_backend(config)
+    rundir = RunDir(config.run_dir)
+    with rundir.lock("run"):
+        prepare_run(config, force=force)
+        tasks = list(range(config.executor.num_tasks))
+        if len(tasks) == 1:
+            run_task(rundir.root, 0)
+        else:
+            codes = run_local(rundir.root, tasks, config.executor.local_parallelism)
+            failed = sorted(t for t, c in codes.items() if c)
+            if failed:
+                raise HpcRolloutError(
+                    f"task(s) {failed} failed; see {rundir.logs_dir}/local-task-N.log, then run this command again"
+                )
+    if output is None:
+        return {"run_dir": str(rundir.root)}
+    return {"run_dir": str(rundir.root), **merge_run(rundir.root, output)}
+
+
+def main(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    stats = run(config, args.output, force=args.force)
+    if "rows" in stats:
+        print(
+            f"wrote {stats['rows']:,} prompts, {stats['responses']:,} responses ({stats['errors']:,} error rows) to {stats['output']}"
+        )
+    print(f"run directory: {stats['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    from hpcrollout.cli import run_module
+
+    raise SystemExit(run_module(__name__, add_cli_args, main))

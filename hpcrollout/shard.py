@@ -1,0 +1,340 @@
+"""Prepare a run directory: validate the input, cut it into shards balanced by estimated work.
+
+Two streaming passes over the input's row groups, so 10^7 rows fit in bounded memory:
+1. the prompt (and id) column only: estimated work per row = prompt tokens + n * max_tokens (a float32
+   array, 40 MB for 10^7 rows), id uniqueness checked through 64-bit hashes;
+2. all columns: each row gets its global row index and uid and is written to its shard's Parquet file.
+Shards are contiguous row ranges, so merge restores input order by concatenating shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from hpcrollout import __version__
+from hpcrollout.config import RunConfig, load_config
+from hpcrollout.errors import HpcRolloutError
+from hpcrollout.prompts import derive_uid, prompt_chars
+from hpcrollout.rundir import RunDir, atomic_path, write_atomic, write_json_atomic
+from hpcrollout.schema import INTERNAL_COLUMNS, RESULT_COLUMNS, ROW, UID
+
+log = logging.getLogger("hpcrollout")
+
+MANIFEST_VERSION = 1
+CHARS_PER_TOKEN = 4.0  # estimate only: balancing needs relative sizes, not exact counts
+READ_BATCH_ROWS = 8192
+
+
+def open_input(path: str | Path) -> pq.ParquetFile:
+    """Open the input Parquet file, with errors that name it."""
+    path = Path(path)
+    if not path.exists():
+        raise HpcRolloutError(f"input {path} does not exist")
+    if path.is_dir():
+        raise HpcRolloutError(f"input {path} is a directory; give one Parquet file (data.input)")
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise HpcRolloutError(f"input {path} is not a readable Parquet file: {exc}") from None
+
+
+def input_fingerprint(path: str | Path) -> dict[str, Any]:
+    """Size, row count, schema and a hash of the file's head and footer: cheap, and changes when the data does."""
+    path = Path(path)
+    pf = open_input(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 16))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read())
+    return {
+        "path": str(path.resolve()),
+        "size": size,
+        "num_rows": pf.metadata.num_rows,
+        "schema": str(pf.schema_arrow),
+        "sha256_head_footer": h.hexdigest()[:32],
+    }
+
+
+def _check_columns(path: Path, schema: pa.Schema, config: RunConfig) -> None:
+    names = schema.names
+    col = config.data.prompt_column
+    if col not in names:
+        raise HpcRolloutError(
+            f"input {path} has no {col!r} column (columns: {', '.join(names)}); "
+            "name the prompt column with data.prompt_column"
+        )
+    if config.data.id_column and config.data.id_column not in names:
+        raise HpcRolloutError(
+            f"input {path} has no id column {config.data.id_column!r} (data.id_column); columns: {', '.join(names)}"
+        )
+    clashes = [c for c in names if c in INTERNAL_COLUMNS or (c in RESULT_COLUMNS and c != config.data.id_column)]
+    if clashes:
+        hint = " (to use it as the prompt id, set data.id_column: uid)" if clashes == ["uid"] else ""
+        raise HpcRolloutError(
+            f"input {path} has column(s) {', '.join(clashes)} that hpcrollout writes into the output; rename them{hint}"
+        )
+
+
+def _prompt_chars(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Characters per prompt, vectorised for the usual list<struct<role, content: string>> and string columns."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    t = arr.type
+    try:
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            return pc.fill_null(pc.utf8_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.float64)
+        if (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_struct(t.value_type):
+            content = t.value_type.get_field_index("content")
+            if content >= 0 and pa.types.is_string(t.value_type.field(content).type):
+                flat = pc.list_flatten(arr)
+                lengths = pc.fill_null(pc.utf8_length(flat.field(content)), 0).to_numpy(zero_copy_only=False)
+                parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+                return np.bincount(parents, weights=lengths, minlength=len(arr)).astype(np.float64)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    return np.array([prompt_chars(c) for c in arr.to_pylist()], dtype=np.float64)
+
+
+def _hash64(values: list[Any]) -> np.ndarray:
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(repr(v).encode(), digest_size=8).digest(), "little") for v in values],
+        dtype=np.uint64,
+    )
+
+
+def _scan(pf: pq.ParquetFile, path: Path, config: RunConfig) -> np.ndarray:
+    """Pass 1: estimated work per row; checks the id column (non-null, unique)."""
+    per_sample = config.sampling.n * config.sampling.max_tokens
+    cols = [config.data.prompt_column] + ([config.data.id_column] if config.data.id_column else [])
+    work = np.empty(pf.metadata.num_rows, dtype=np.float32)
+    hashes = []
+    offset = 0
+    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=cols):
+        chars = _prompt_chars(batch.column(0))
+        work[offset : offset + len(chars)] = chars / CHARS_PER_TOKEN + per_sample
+        if config.data.id_column:
+            ids = batch.column(1)
+            if ids.null_count:
+                row = offset + int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
+                raise HpcRolloutError(f"input {path} row {row}: id column {config.data.id_column!r} is null")
+            hashes.append(_hash64(ids.to_pylist()))
+        offset += len(chars)
+    if hashes:
+        _check_unique_ids(pf, path, config.data.id_column, np.concatenate(hashes))
+    return work
+
+
+def _check_unique_ids(pf: pq.ParquetFile, path: Path, id_column: str, hashes: np.ndarray) -> None:
+    order = np.argsort(hashes, kind="stable")
+    sorted_h = hashes[order]
+    dup = np.flatnonzero(sorted_h[1:] == sorted_h[:-1])
+    if not len(dup):
+        return
+    target = sorted_h[dup[0]]
+    rows = np.flatnonzero(hashes == target)[:2].tolist()
+    ids = pf.read(columns=[id_column]).column(0)
+    a, b = ids[rows[0]].as_py(), ids[rows[1]].as_py()
+    if a == b:
+        raise HpcRolloutError(
+            f"input {path}: id column {id_column!r} has the value {a!r} at rows {rows[0]} and {rows[1]}; ids must be unique"
+        )
+
+
+def plan_shards(work: np.ndarray, num_shards: int, max_rows: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) row ranges with about equal estimated work, none longer than max_rows."""
+    n = len(work)
+    num_shards = max(1, min(n, max(num_shards, -(-n // max_rows))))
+    cum = np.cumsum(work, dtype=np.float64)
+    targets = cum[-1] * np.arange(1, num_shards) / num_shards
+    cuts = np.searchsorted(cum, targets, side="left") + 1
+    bounds = [0, *sorted(set(int(c) for c in cuts if 0 < c < n)), n]
+    ranges = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        while b - a > max_rows:  # uneven work can still leave a long range: split it by count
+            ranges.append((a, a + max_rows))
+            a += max_rows
+        if b > a:
+            ranges.append((a, b))
+    return ranges
+
+
+def default_num_shards(config: RunConfig) -> int:
+    if config.sharding.num_shards:
+        return config.sharding.num_shards
+    tasks = config.executor.num_tasks
+    return tasks if config.sharding.mode == "static" else 8 * tasks
+
+
+def _write_shards(pf: pq.ParquetFile, rundir: RunDir, config: RunConfig, ranges: list[tuple[int, int]]) -> None:
+    """Pass 2: stream all columns into the shard files, adding the global row index and uid."""
+    schema = pf.schema_arrow.append(pa.field(ROW, pa.int64())).append(pa.field(UID, pa.string()))
+    id_col = config.data.id_column
+    prompt_col = config.data.prompt_column
+    shard, offset = 0, 0
+    writer: pq.ParquetWriter | None = None
+    cm = None
+
+    def open_shard(i: int) -> None:
+        nonlocal writer, cm
+        cm = atomic_path(rundir.shard_input(i))
+        tmp = cm.__enter__()
+        writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+
+    def close_shard() -> None:
+        nonlocal writer, cm
+        assert writer is not None and cm is not None
+        writer.close()
+        cm.__exit__(None, None, None)
+        writer, cm = None, None
+
+    try:
+        open_shard(0)
+        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS):
+            rows = np.arange(offset, offset + batch.num_rows, dtype=np.int64)
+            if id_col:
+                uids = [str(v) for v in batch.column(id_col).to_pylist()]
+            else:
+                uids = [derive_uid(int(r), c) for r, c in zip(rows, batch.column(prompt_col).to_pylist())]
+            table = (
+                pa.Table.from_batches([batch])
+                .append_column(ROW, pa.array(rows))
+                .append_column(UID, pa.array(uids, pa.string()))
+            )
+            pos = 0
+            while pos < table.num_rows:
+                end = ranges[shard][1]
+                take = min(table.num_rows - pos, end - (offset + pos))
+                writer.write_table(table.slice(pos, take), row_group_size=4096)
+                pos += take
+                if offset + pos == end and shard + 1 < len(ranges):
+                    close_shard()
+                    shard += 1
+                    open_shard(shard)
+            offset += batch.num_rows
+        close_shard()
+    except BaseException:
+        if cm is not None:
+            cm.__exit__(*sys.exc_info())
+        raise
+
+
+def _fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def prepare_run(config: RunConfig, *, force: bool = False) -> RunDir:
+    """Create the run directory (config, shards, manifest) or reopen it, refusing changed generation settings."""
+    config.require("run_dir", "data.input", "model.path")
+    rundir = RunDir(config.run_dir)
+    input_path = Path(config.data.input)
+    if rundir.exists():
+        return _reopen(rundir, config, force)
+    started = time.time()
+    pf = open_input(input_path)
+    _check_columns(input_path, pf.schema_arrow, config)
+    if pf.metadata.num_rows == 0:
+        raise HpcRolloutError(f"input {input_path} has no rows")
+    fingerprint = input_fingerprint(input_path)
+    work = _scan(pf, input_path, config)
+    ranges = plan_shards(work, default_num_shards(config), config.sharding.max_prompts_per_shard)
+    rundir.root.mkdir(parents=True, exist_ok=True)
+    _write_shards(pf, rundir, config, ranges)
+    write_atomic(rundir.config_path, config.to_yaml())
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "hpcrollout": __version__,
+        "created": time.time(),
+        "input": fingerprint,
+        "generation": config.generation_fingerprint(),
+        "num_rows": int(len(work)),
+        "num_tasks": config.executor.num_tasks,
+        "mode": config.sharding.mode,
+        "shards": [
+            {"shard": i, "rows": [a, b], "prompts": b - a, "est_work": float(work[a:b].sum())}
+            for i, (a, b) in enumerate(ranges)
+        ],
+    }
+    write_json_atomic(rundir.manifest_path, manifest)  # last: its presence means the run is prepared
+    log.info("prepared %s: %d prompts in %d shards (%.1fs)", rundir.root, len(work), len(ranges), time.time() - started)
+    return rundir
+
+
+def _reopen(rundir: RunDir, config: RunConfig, force: bool) -> RunDir:
+    manifest = rundir.manifest()
+    changes = [f"{k} settings" for k in _fingerprint_changes(manifest["generation"], config.generation_fingerprint())]
+    if config.data.input and Path(config.data.input).exists():
+        new_input = input_fingerprint(config.data.input)
+        old_input = manifest["input"]
+        if any(new_input[k] != old_input.get(k) for k in ("size", "num_rows", "schema", "sha256_head_footer")):
+            changes.append(f"input file ({config.data.input} differs from the one sharded: {old_input['path']})")
+    if changes and not force:
+        old = rundir.load_config()
+        detail = _config_diff(old, config)
+        raise HpcRolloutError(
+            f"{rundir.root} was started with different settings; changed: {'; '.join(changes)}"
+            + (f"\n  {detail}" if detail else "")
+            + "\nResuming would mix samples from two configurations. Use a new run_dir, "
+            "or pass --force to continue anyway (already finished shards are kept as they are)."
+        )
+    if changes:
+        log.warning("continuing %s despite changed %s (--force)", rundir.root, ", ".join(changes))
+        manifest["generation"] = config.generation_fingerprint()
+        manifest.setdefault("forced", []).append({"time": time.time(), "changes": changes})
+    # Resource settings (tasks, SLURM, checkpointing) may change freely between submissions.
+    manifest["num_tasks"] = config.executor.num_tasks
+    write_atomic(rundir.config_path, config.to_yaml())
+    write_json_atomic(rundir.manifest_path, manifest)
+    return rundir
+
+
+def _config_diff(old: RunConfig, new: RunConfig) -> str:
+    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
+    diffs = []
+    for section in ("backend", "model", "sampling", "data"):
+        x, y = a[section], b[section]
+        if isinstance(x, dict):
+            diffs += [
+                f"{section}.{k}: {x.get(k)!r} -> {y.get(k)!r}"
+                for k in sorted(set(x) | set(y))
+                if x.get(k) != y.get(k) and k != "input"
+            ]
+        elif x != y:
+            diffs.append(f"{section}: {x!r} -> {y!r}")
+    return "\n  ".join(diffs)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="run config YAML")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--force", action="store_true", help="reopen a run directory despite changed settings")
+
+
+def main(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    rundir = RunDir(config.run_dir) if config.run_dir else None
+    with rundir.lock("prepare") if rundir else contextlib.nullcontext():
+        rundir = prepare_run(config, force=args.force)
+    m = rundir.manifest()
+    print(f"{rundir.root}: {m['num_rows']} prompts in {len(m['shards'])} shards")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    from hpcrollout.cli import run_module
+
+    raise SystemExit(run_module(__name__, add_cli_args, main))

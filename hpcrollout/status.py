@@ -1,0 +1,413 @@
+"""Where a run stands: per-shard state, progress, throughput, ETA, slowest shards, failures with log tails.
+
+`hpcrollout status RUN_DIR [--watch] [--json]`. The run directory is the truth (done markers, heartbeats,
+task records, jobs.json); sacct and squeue, where present, add what the scheduler knows (queued, requeued,
+cancelled, timed out). A shard is one of: pending, running, requeued, failed, done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hpcrollout.errors import HpcRolloutError
+from hpcrollout.rundir import RunDir, read_json
+
+ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "STOPPED", "RESV_DEL_HOLD"}
+REQUEUE_STATES = {"REQUEUED", "PREEMPTED", "REQUEUE_HOLD", "REQUEUE_FED"}
+RATE_WINDOW_S = 300.0
+LOG_TAIL_LINES = 12
+
+
+# ---------------------------------------------------------------------------------------------- jobs.json
+def jobs_path(rundir: RunDir) -> Path:
+    return rundir.root / "jobs.json"
+
+
+def read_jobs(rundir: RunDir) -> dict[str, Any]:
+    """RUN_DIR/jobs.json: every submission (executor, array job id, task ids in array order, time)."""
+    try:
+        jobs = read_json(jobs_path(rundir))
+    except FileNotFoundError:
+        return {"submissions": []}
+    jobs.setdefault("submissions", [])
+    return jobs
+
+
+def submitit_folder(rundir: RunDir) -> Path:
+    """Where submitit keeps each array task's pickles and logs: logs/slurm/<array>_<index>/."""
+    return rundir.logs_dir.resolve() / "slurm" / "%j"
+
+
+def latest_jobs(rundir: RunDir) -> dict[int, str]:
+    """Each task's SLURM job id (ARRAY_INDEX) in its latest submission."""
+    out: dict[int, str] = {}
+    for sub in read_jobs(rundir)["submissions"]:
+        if sub.get("executor") == "slurm" and sub.get("job_id"):
+            for index, task in enumerate(sub["tasks"]):
+                out[int(task)] = f"{sub['job_id']}_{index}"
+    return out
+
+
+def task_of_job(rundir: RunDir) -> dict[str, int]:
+    """Every SLURM job id this run ever submitted -> its task."""
+    out: dict[str, int] = {}
+    for sub in read_jobs(rundir)["submissions"]:
+        if sub.get("executor") == "slurm" and sub.get("job_id"):
+            for index, task in enumerate(sub["tasks"]):
+                out[f"{sub['job_id']}_{index}"] = int(task)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- scheduler
+def _run(cmd: list[str]) -> str | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return "" if "Invalid job id" in proc.stderr else None
+    return proc.stdout
+
+
+def squeue_states(array_ids: list[str]) -> dict[str, dict[str, Any]] | None:
+    """Queued/running array tasks: {"123_4": {"state", "reason", "restarts"}}; None without squeue."""
+    if not array_ids:
+        return {}
+    out = _run(["squeue", "-h", "-r", "-j", ",".join(array_ids), "-O", "JobArrayID:40,State:24,Reason:40,RestartCnt:8"])
+    if out is None:
+        return None
+    states: dict[str, dict[str, Any]] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            restarts = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
+            states[parts[0]] = {"state": parts[1], "reason": parts[2] if len(parts) > 2 else "", "restarts": restarts}
+    return states
+
+
+def sacct_states(array_ids: list[str]) -> dict[str, dict[str, Any]] | None:
+    """Accounting of array tasks, requeues counted: {"123_4": {"state", "exit_code", "requeues", ...}}; None without sacct."""
+    if not array_ids:
+        return {}
+    cmd = ["sacct", "-n", "-P", "-X", "-D", "-j", ",".join(array_ids), "-o", "JobID,State,ExitCode,Elapsed,NodeList,End"]
+    out = _run(cmd)
+    if out is None:
+        return None
+    states: dict[str, dict[str, Any]] = {}
+    for line in out.splitlines():
+        f = line.split("|")
+        if len(f) < 6 or "_" not in f[0] or "[" in f[0]:
+            continue
+        prev = states.get(f[0], {"requeues": 0})
+        state = f[1].split()[0] if f[1] else "UNKNOWN"
+        # with -D each requeued attempt is its own line, oldest first; the last line is the current attempt
+        requeues = prev["requeues"] + (1 if state in REQUEUE_STATES else 0)
+        states[f[0]] = {"state": state, "detail": f[1], "exit_code": f[2], "elapsed": f[3], "node": f[4], "requeues": requeues}
+    return states
+
+
+def active_tasks(rundir: RunDir) -> dict[int, str]:
+    """Tasks of this run queued or running now (squeue), as {task: job id}."""
+    jobs = task_of_job(rundir)
+    arrays = sorted({j.split("_")[0] for j in jobs})
+    queued = squeue_states(arrays) or {}
+    return {jobs[j]: j for j, info in queued.items() if j in jobs and info["state"] in ACTIVE_STATES}
+
+
+# ---------------------------------------------------------------------------------------------- logs
+def log_tail(path: str | Path | None, lines: int = LOG_TAIL_LINES) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def task_log(rundir: RunDir, task: int, job_id: str | None, record: dict[str, Any]) -> str | None:
+    """The task's stderr log: submitit's for SLURM tasks, logs/local-task-N.log for local ones."""
+    if job_id:
+        from submitit.core.utils import JobPaths
+
+        path = JobPaths(submitit_folder(rundir), job_id=job_id, task_id=0).stderr
+        return str(path)
+    if record.get("stderr"):
+        return record["stderr"]
+    local = rundir.logs_dir / f"local-task-{task}.log"
+    return str(local) if local.exists() else None
+
+
+# ---------------------------------------------------------------------------------------------- status
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # zombies count as dead (some PID 1s never reap)
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def run_status(run_dir: str | Path) -> dict[str, Any]:
+    """Everything status shows, as one dict (what --json prints)."""
+    from hpcrollout.slurm_task import read_task_record
+
+    rundir = RunDir(run_dir)
+    rundir.require()
+    now = time.time()
+    manifest = rundir.manifest()
+    try:
+        config = rundir.load_config()
+        n, hb_every = config.sampling.n, config.checkpoint.heartbeat_seconds
+    except HpcRolloutError:
+        n, hb_every = 1, 30.0
+    num_tasks = int(manifest["num_tasks"])
+    dynamic = manifest.get("mode") == "dynamic"
+    jobs = latest_jobs(rundir)
+    arrays = sorted({j.split("_")[0] for j in jobs.values()})
+    queued = squeue_states(arrays)
+    acct = sacct_states(arrays)
+    submitted = {int(t) for s in read_jobs(rundir)["submissions"] for t in s.get("tasks", [])}
+    host = socket.gethostname()
+
+    tasks: dict[int, dict[str, Any]] = {}
+    for task in sorted(set(range(num_tasks)) | set(jobs)):
+        job_id = jobs.get(task)
+        record = read_task_record(rundir, task)
+        q = (queued or {}).get(job_id or "")
+        a = (acct or {}).get(job_id or "")
+        sched = q["state"] if q else (a["state"] if a else None)
+        requeues = max(q["restarts"] if q else 0, a["requeues"] if a else 0, int(record.get("requeues", 0)))
+        tasks[task] = {
+            "task": task, "job_id": job_id, "slurm_state": sched, "reason": q["reason"] if q else None,
+            "exit_code": a["exit_code"] if a else None, "requeues": requeues, "failures": int(record.get("failures", 0)),
+            "record_state": record.get("state"), "error": record.get("error"), "host": record.get("host"),
+            "log": task_log(rundir, task, job_id, record), "submitted": task in submitted or job_id is not None,
+        }
+
+    done = rundir.done_shards()
+    shards = []
+    for s in manifest["shards"]:
+        i = s["shard"]
+        a, b = s["rows"]
+        total = b - a
+        hb: dict[str, Any] = {}
+        if rundir.heartbeat(i).exists():
+            try:
+                hb = read_json(rundir.heartbeat(i))
+            except HpcRolloutError:
+                hb = {}
+        task = i % num_tasks if not dynamic else _int(hb.get("slurm_array_task_id"))
+        t = tasks.get(task) if task is not None else None
+        entry: dict[str, Any] = {"shard": i, "task": task, "prompts_total": total, "job_id": t["job_id"] if t else None}
+        if i in done:
+            try:
+                marker = read_json(rundir.done_marker(i))
+            except HpcRolloutError:
+                marker = {}
+            entry.update(state="done", prompts_done=total, samples_done=int(marker.get("samples", total * n)),
+                         output_tokens=int(marker.get("output_tokens", 0)), finished=marker.get("finished"),
+                         engine=marker.get("engine"))
+        else:
+            state = _shard_state(hb, t, now, hb_every, host)
+            prompts = int(hb.get("prompts_done", 0)) if hb else 0
+            entry.update(state=state, prompts_done=prompts, samples_done=prompts * n,
+                         output_tokens=int(hb.get("output_tokens_this_attempt", 0)) if hb else 0)
+            if state == "running":
+                age = now - float(hb.get("time", now))
+                entry.update(tokens_per_s=float(hb.get("tokens_per_s") or 0.0), eta_s=hb.get("eta_s"), host=hb.get("host"),
+                             heartbeat_age_s=round(age, 1),
+                             started=hb.get("started"), prompts_done_this_attempt=int(hb.get("prompts_done_this_attempt", 0)))
+        if t:
+            entry["requeues"] = t["requeues"]
+        shards.append(entry)
+
+    counts: dict[str, int] = {}
+    for e in shards:
+        counts[e["state"]] = counts.get(e["state"], 0) + 1
+    prompts_total = sum(e["prompts_total"] for e in shards)
+    prompts_done = sum(e["prompts_done"] for e in shards)
+    running = [e for e in shards if e["state"] == "running"]
+    tps = sum(e.get("tokens_per_s", 0.0) for e in running)
+    prompt_rate = sum(
+        e["prompts_done_this_attempt"] / max(now - float(e.get("started") or now), 1.0) for e in running
+    )
+    eta = (prompts_total - prompts_done) / prompt_rate if prompt_rate > 0 else None
+    failed_tasks = sorted({e["task"] for e in shards if e["state"] == "failed" and e["task"] is not None})
+    failures = []
+    for task in failed_tasks:
+        t = tasks[task]
+        failures.append({
+            "task": task, "job_id": t["job_id"], "shards": [e["shard"] for e in shards if e["task"] == task and e["state"] == "failed"],
+            "slurm_state": t["slurm_state"], "exit_code": t["exit_code"], "failures": t["failures"], "error": t["error"],
+            "log": t["log"], "log_tail": log_tail(t["log"]),
+        })
+    slowest = sorted(running, key=lambda e: -(e.get("eta_s") or 0.0))[:3]
+    return {
+        "run_dir": str(rundir.root), "time": now, "num_tasks": num_tasks, "mode": manifest.get("mode", "static"),
+        "scheduler": {"squeue": queued is not None, "sacct": acct is not None},
+        "counts": counts, "shards": shards, "tasks": list(tasks.values()),
+        "prompts": {"done": prompts_done, "total": prompts_total},
+        "samples": {"done": sum(e["samples_done"] for e in shards), "total": prompts_total * n},
+        "output_tokens": sum(e["output_tokens"] for e in shards),
+        "tokens_per_s": round(tps, 1), "eta_s": None if eta is None else round(eta, 1),
+        "slowest": [e["shard"] for e in slowest], "failed": failures,
+        "complete": len(done) == len(shards),
+        "resume_command": f"hpcrollout resume {rundir.root}",
+    }
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _shard_state(hb: dict[str, Any], t: dict[str, Any] | None, now: float, hb_every: float, host: str) -> str:
+    """pending / running / requeued / failed for a shard without a done marker."""
+    fresh = bool(hb) and now - float(hb.get("time", 0)) < 3 * hb_every + 60
+    hb_running = bool(hb) and hb.get("state") == "running"
+    if t is None or not t["submitted"]:
+        return "running" if hb_running and fresh else "pending"
+    sched, rec = t["slurm_state"], t["record_state"]
+    if t["job_id"]:
+        job_array, _, job_index = t["job_id"].partition("_")
+        this_attempt = hb_running and str(hb.get("slurm_array_job_id")) == job_array and str(hb.get("slurm_array_task_id")) == job_index
+        if sched in ("RUNNING", "COMPLETING", "CONFIGURING"):
+            return "running" if this_attempt else "pending"
+        if sched in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED"):
+            return "requeued" if (t["requeues"] or rec in ("requeued", "retrying") or sched != "PENDING") else "pending"
+        if sched is not None:  # finished in the scheduler's eyes (COMPLETED, FAILED, CANCELLED, TIMEOUT, ...)
+            return "failed"
+        # neither squeue nor sacct knows it (no accounting, or purged): the task record decides
+        if rec in ("failed", "terminated"):
+            return "failed"
+        if rec in ("requeued", "retrying"):
+            return "requeued"
+        return "running" if this_attempt and fresh else "pending"
+    # local executor: a heartbeat from a live process on this host means running
+    if hb_running:
+        pid, hb_host = _int(hb.get("pid")), hb.get("host")
+        if hb_host == host and pid is not None:
+            return "running" if _pid_alive(pid) else "failed"
+        return "running" if fresh else "failed"
+    return "failed" if rec == "failed" else "pending"
+
+
+# ---------------------------------------------------------------------------------------------- text
+def _dur(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def format_status(st: dict[str, Any], rate: float | None = None) -> str:
+    """The human-readable report."""
+    p, smp = st["prompts"], st["samples"]
+    pct = 100.0 * p["done"] / p["total"] if p["total"] else 100.0
+    order = ("done", "running", "requeued", "pending", "failed")
+    counts = ", ".join(f"{st['counts'][k]} {k}" for k in order if st["counts"].get(k))
+    lines = [
+        f"run {st['run_dir']}: {len(st['shards'])} shards ({counts}), {st['num_tasks']} tasks, {st['mode']}",
+        f"prompts {p['done']}/{p['total']} ({pct:.1f}%), samples {smp['done']}/{smp['total']}, output tokens {st['output_tokens']}",
+    ]
+    tps = rate if rate is not None else st["tokens_per_s"]
+    window = f"last {RATE_WINDOW_S / 60:.0f} min" if rate is not None else "running attempts"
+    lines.append(f"throughput {tps:.1f} output tok/s ({window}), ETA {_dur(st['eta_s']) if not st['complete'] else 'done'}")
+    if not (st["scheduler"]["squeue"] or st["scheduler"]["sacct"]):
+        lines.append("(no squeue/sacct here: states come from the run directory only)")
+    elif not st["scheduler"]["sacct"]:
+        lines.append("(no sacct here: finished or cancelled jobs are known only from the run directory)")
+    lines.append("")
+    lines.append(f"{'shard':>5} {'task':>4} {'job':>12} {'state':<9} {'prompts':>13} {'tok/s':>8} {'eta':>7} {'requeues':>8}")
+    for e in st["shards"]:
+        prompts = f"{e['prompts_done']}/{e['prompts_total']}"
+        tok = f"{e['tokens_per_s']:.1f}" if "tokens_per_s" in e else "-"
+        eta = _dur(e.get("eta_s")) if e["state"] == "running" else "-"
+        task = "-" if e["task"] is None else str(e["task"])
+        lines.append(f"{e['shard']:>5} {task:>4} {e.get('job_id') or '-':>12} {e['state']:<9} {prompts:>13} {tok:>8} {eta:>7} {e.get('requeues', 0):>8}")
+    if st["slowest"]:
+        lines.append("")
+        lines.append("slowest running shards: " + ", ".join(
+            f"{e['shard']} ({e['prompts_done']}/{e['prompts_total']}, eta {_dur(e.get('eta_s'))}, on {e.get('host')})"
+            for e in st["shards"] if e["shard"] in st["slowest"]
+        ))
+    for f in st["failed"]:
+        lines.append("")
+        what = f"task {f['task']}" + (f" (job {f['job_id']}, {f['slurm_state']}, exit {f['exit_code']})" if f["job_id"] else "")
+        lines.append(f"FAILED {what}: shards {', '.join(map(str, f['shards']))}; attempts that raised: {f['failures']}")
+        if f["error"]:
+            lines.append(f"  error: {f['error']}")
+        if f["log"]:
+            lines.append(f"  last lines of {f['log']}:")
+            lines += ["    " + line for line in (f["log_tail"] or "(empty)").splitlines()]
+    if st["failed"]:
+        lines.append("")
+        lines.append(f"rerun the failed shards with: {st['resume_command']}")
+    elif st["complete"]:
+        lines.append("")
+        lines.append(f"complete; merge with: hpcrollout merge {st['run_dir']} --output OUT.parquet")
+    return "\n".join(lines)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="the run directory")
+    parser.add_argument("--watch", nargs="?", type=float, const=10.0, default=None, metavar="SECONDS",
+                        help="refresh every SECONDS (default 10) until the run is complete or failed")
+    parser.add_argument("--json", action="store_true", help="print the status as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.watch is None:
+        st = run_status(args.run_dir)
+        print(json.dumps(st, indent=2, default=str) if args.json else format_status(st))
+        return 0
+    history: list[tuple[float, int]] = []
+    while True:
+        st = run_status(args.run_dir)
+        history.append((st["time"], st["output_tokens"]))
+        history = [h for h in history if st["time"] - h[0] <= RATE_WINDOW_S]
+        rate = None
+        if len(history) > 1 and history[-1][0] > history[0][0]:
+            rate = max(0.0, (history[-1][1] - history[0][1]) / (history[-1][0] - history[0][0]))
+        if args.json:
+            print(json.dumps({**st, "window_tokens_per_s": rate}, default=str), flush=True)
+        else:
+            if sys.stdout.isatty():
+                sys.stdout.write("\x1b[2J\x1b[H")
+            print(time.strftime("%H:%M:%S"), format_status(st, rate), sep="  ", flush=True)
+        active = st["counts"].get("running", 0) + st["counts"].get("requeued", 0) or any(
+            t["slurm_state"] in ACTIVE_STATES for t in st["tasks"]
+        )
+        if st["complete"] or not active:
+            return 0
+        time.sleep(args.watch)
+
+
+if __name__ == "__main__":
+    from hpcrollout.cli import run_module
+
+    raise SystemExit(run_module(__name__, add_cli_args, main))

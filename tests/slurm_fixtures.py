@@ -1,0 +1,90 @@
+"""The `slurm_cluster` fixture: the project's local test SLURM cluster (slurm/start-test-cluster.sh), plus helpers.
+
+In CI (CI=true) a cluster that is not up is a test failure, never a skip: .ci/run starts it before pytest.
+Outside CI the fixture starts it with the script when running as root (set HPCROLLOUT_START_SLURM=0 to not),
+and otherwise skips with the command that starts it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+START_SCRIPT = REPO / "slurm" / "start-test-cluster.sh"
+
+
+def _cluster_problem() -> str | None:
+    """None if sinfo shows a usable node and sacct answers; else what is wrong."""
+    for tool in ("sbatch", "squeue", "sinfo", "sacct", "scontrol"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    try:
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30)
+        acct = subprocess.run(["sacct", "-n", "-X", "--starttime", "now-1minutes"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"sinfo/sacct did not answer: {exc}"
+    states = nodes.stdout.split()
+    if nodes.returncode != 0 or not any(s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for s in states):
+        return f"no usable node (sinfo: {nodes.stdout.strip() or nodes.stderr.strip()})"
+    if acct.returncode != 0:
+        return f"sacct fails (is slurmdbd running?): {acct.stderr.strip()}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> dict[str, Any]:
+    """A running single-node SLURM cluster with accounting and 4 fake GPUs; yields sinfo facts."""
+    problem = _cluster_problem()
+    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    if problem and not in_ci and os.geteuid() == 0 and os.environ.get("HPCROLLOUT_START_SLURM", "1") != "0":
+        proc = subprocess.run(["bash", str(START_SCRIPT)], capture_output=True, text=True, timeout=600)
+        problem = _cluster_problem() if proc.returncode == 0 else f"{START_SCRIPT} failed:\n{proc.stderr[-3000:]}"
+    if problem:
+        message = f"test SLURM cluster not available: {problem}; start it with: sudo bash {START_SCRIPT}"
+        if in_ci:
+            pytest.fail(message + " (CI=true: the SLURM tests must run)")
+        pytest.skip(message)
+    info = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %c %G"], capture_output=True, text=True).stdout.split()
+    return {"node": info[0], "cpus": int(info[1]), "gres": info[2] if len(info) > 2 else ""}
+
+
+def job_states(job_id: str) -> dict[str, str]:
+    """squeue's view of an array's tasks ({"12_0": "RUNNING"}); finished tasks are absent."""
+    out = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i %T"], capture_output=True, text=True).stdout
+    return dict(line.split()[:2] for line in out.splitlines() if len(line.split()) >= 2)
+
+
+def wait_for_jobs(job_ids: list[str], timeout: float = 300) -> None:
+    """Wait until none of these array jobs has a task queued or running (no timed asserts: a generous bound)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not any(job_states(j) for j in job_ids):
+            return
+        time.sleep(0.5)
+    subprocess.run(["scancel", *job_ids])
+    raise AssertionError(f"jobs {job_ids} still queued or running after {timeout}s; cancelled them")
+
+
+def wait_until(condition, timeout: float = 240, what: str = "condition", interval: float = 0.1) -> None:  # noqa: ANN001
+    """Poll condition() until true; fail naming `what` after a generous bound."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def sacct_history(job_id: str) -> list[tuple[str, str]]:
+    """(JobID, State) of every attempt of an array job, requeued ones included."""
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "JobID,State"], capture_output=True, text=True
+    ).stdout
+    return [tuple(line.split("|")[:2]) for line in out.splitlines() if "|" in line]  # type: ignore[misc]
