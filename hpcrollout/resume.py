@@ -17,9 +17,17 @@ from hpcrollout.rundir import RunDir
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="the run directory to resume")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a setting for this submission, e.g. --set slurm.time_min=600 (repeatable)")
-    parser.add_argument("--force", action="store_true", help="resume even though the input or generation settings changed")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a setting for this submission, e.g. --set slurm.time_min=600 (repeatable)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="resume even though the input or generation settings changed"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print what would be resubmitted; submit nothing")
 
 

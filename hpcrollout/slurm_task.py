@@ -72,6 +72,10 @@ class SlurmTask(submitit.helpers.Checkpointable):
 
     # -- the task ---------------------------------------------------------------------------------------------
     def __call__(self, task_id: int) -> dict[str, Any]:
+        # Under SLURM, log lines rather than progress bars (the worker logs throughput periodically).
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from hpcrollout import worker
 
         _setup_logging()

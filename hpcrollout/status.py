@@ -21,8 +21,21 @@ from typing import Any
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.rundir import RunDir, read_json
 
-ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-                 "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "STOPPED", "RESV_DEL_HOLD"}
+ACTIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SUSPENDED",
+    "STAGE_OUT",
+    "SIGNALING",
+    "STOPPED",
+    "RESV_DEL_HOLD",
+}
 REQUEUE_STATES = {"REQUEUED", "PREEMPTED", "REQUEUE_HOLD", "REQUEUE_FED"}
 RATE_WINDOW_S = 300.0
 LOG_TAIL_LINES = 12
@@ -101,7 +114,17 @@ def sacct_states(array_ids: list[str]) -> dict[str, dict[str, Any]] | None:
     """Accounting of array tasks, requeues counted: {"123_4": {"state", "exit_code", "requeues", ...}}; None without sacct."""
     if not array_ids:
         return {}
-    cmd = ["sacct", "-n", "-P", "-X", "-D", "-j", ",".join(array_ids), "-o", "JobID,State,ExitCode,Elapsed,NodeList,End"]
+    cmd = [
+        "sacct",
+        "-n",
+        "-P",
+        "-X",
+        "-D",
+        "-j",
+        ",".join(array_ids),
+        "-o",
+        "JobID,State,ExitCode,Elapsed,NodeList,End",
+    ]
     out = _run(cmd)
     if out is None:
         return None
@@ -114,7 +137,14 @@ def sacct_states(array_ids: list[str]) -> dict[str, dict[str, Any]] | None:
         state = f[1].split()[0] if f[1] else "UNKNOWN"
         # with -D each requeued attempt is its own line, oldest first; the last line is the current attempt
         requeues = prev["requeues"] + (1 if state in REQUEUE_STATES else 0)
-        states[f[0]] = {"state": state, "detail": f[1], "exit_code": f[2], "elapsed": f[3], "node": f[4], "requeues": requeues}
+        states[f[0]] = {
+            "state": state,
+            "detail": f[1],
+            "exit_code": f[2],
+            "elapsed": f[3],
+            "node": f[4],
+            "requeues": requeues,
+        }
     return states
 
 
@@ -198,10 +228,18 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         sched = q["state"] if q else (a["state"] if a else None)
         requeues = max(q["restarts"] if q else 0, a["requeues"] if a else 0, int(record.get("requeues", 0)))
         tasks[task] = {
-            "task": task, "job_id": job_id, "slurm_state": sched, "reason": q["reason"] if q else None,
-            "exit_code": a["exit_code"] if a else None, "requeues": requeues, "failures": int(record.get("failures", 0)),
-            "record_state": record.get("state"), "error": record.get("error"), "host": record.get("host"),
-            "log": task_log(rundir, task, job_id, record), "submitted": task in submitted or job_id is not None,
+            "task": task,
+            "job_id": job_id,
+            "slurm_state": sched,
+            "reason": q["reason"] if q else None,
+            "exit_code": a["exit_code"] if a else None,
+            "requeues": requeues,
+            "failures": int(record.get("failures", 0)),
+            "record_state": record.get("state"),
+            "error": record.get("error"),
+            "host": record.get("host"),
+            "log": task_log(rundir, task, job_id, record),
+            "submitted": task in submitted or job_id is not None,
         }
 
     done = rundir.done_shards()
@@ -224,19 +262,33 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
                 marker = read_json(rundir.done_marker(i))
             except HpcRolloutError:
                 marker = {}
-            entry.update(state="done", prompts_done=total, samples_done=int(marker.get("samples", total * n)),
-                         output_tokens=int(marker.get("output_tokens", 0)), finished=marker.get("finished"),
-                         engine=marker.get("engine"))
+            entry.update(
+                state="done",
+                prompts_done=total,
+                samples_done=int(marker.get("samples", total * n)),
+                output_tokens=int(marker.get("output_tokens", 0)),
+                finished=marker.get("finished"),
+                engine=marker.get("engine"),
+            )
         else:
             state = _shard_state(hb, t, now, hb_every, host)
             prompts = int(hb.get("prompts_done", 0)) if hb else 0
-            entry.update(state=state, prompts_done=prompts, samples_done=prompts * n,
-                         output_tokens=int(hb.get("output_tokens_this_attempt", 0)) if hb else 0)
+            entry.update(
+                state=state,
+                prompts_done=prompts,
+                samples_done=prompts * n,
+                output_tokens=int(hb.get("output_tokens_this_attempt", 0)) if hb else 0,
+            )
             if state == "running":
                 age = now - float(hb.get("time", now))
-                entry.update(tokens_per_s=float(hb.get("tokens_per_s") or 0.0), eta_s=hb.get("eta_s"), host=hb.get("host"),
-                             heartbeat_age_s=round(age, 1),
-                             started=hb.get("started"), prompts_done_this_attempt=int(hb.get("prompts_done_this_attempt", 0)))
+                entry.update(
+                    tokens_per_s=float(hb.get("tokens_per_s") or 0.0),
+                    eta_s=hb.get("eta_s"),
+                    host=hb.get("host"),
+                    heartbeat_age_s=round(age, 1),
+                    started=hb.get("started"),
+                    prompts_done_this_attempt=int(hb.get("prompts_done_this_attempt", 0)),
+                )
         if t:
             entry["requeues"] = t["requeues"]
         shards.append(entry)
@@ -248,29 +300,42 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     prompts_done = sum(e["prompts_done"] for e in shards)
     running = [e for e in shards if e["state"] == "running"]
     tps = sum(e.get("tokens_per_s", 0.0) for e in running)
-    prompt_rate = sum(
-        e["prompts_done_this_attempt"] / max(now - float(e.get("started") or now), 1.0) for e in running
-    )
+    prompt_rate = sum(e["prompts_done_this_attempt"] / max(now - float(e.get("started") or now), 1.0) for e in running)
     eta = (prompts_total - prompts_done) / prompt_rate if prompt_rate > 0 else None
     failed_tasks = sorted({e["task"] for e in shards if e["state"] == "failed" and e["task"] is not None})
     failures = []
     for task in failed_tasks:
         t = tasks[task]
-        failures.append({
-            "task": task, "job_id": t["job_id"], "shards": [e["shard"] for e in shards if e["task"] == task and e["state"] == "failed"],
-            "slurm_state": t["slurm_state"], "exit_code": t["exit_code"], "failures": t["failures"], "error": t["error"],
-            "log": t["log"], "log_tail": log_tail(t["log"]),
-        })
+        failures.append(
+            {
+                "task": task,
+                "job_id": t["job_id"],
+                "shards": [e["shard"] for e in shards if e["task"] == task and e["state"] == "failed"],
+                "slurm_state": t["slurm_state"],
+                "exit_code": t["exit_code"],
+                "failures": t["failures"],
+                "error": t["error"],
+                "log": t["log"],
+                "log_tail": log_tail(t["log"]),
+            }
+        )
     slowest = sorted(running, key=lambda e: -(e.get("eta_s") or 0.0))[:3]
     return {
-        "run_dir": str(rundir.root), "time": now, "num_tasks": num_tasks, "mode": manifest.get("mode", "static"),
+        "run_dir": str(rundir.root),
+        "time": now,
+        "num_tasks": num_tasks,
+        "mode": manifest.get("mode", "static"),
         "scheduler": {"squeue": queued is not None, "sacct": acct is not None},
-        "counts": counts, "shards": shards, "tasks": list(tasks.values()),
+        "counts": counts,
+        "shards": shards,
+        "tasks": list(tasks.values()),
         "prompts": {"done": prompts_done, "total": prompts_total},
         "samples": {"done": sum(e["samples_done"] for e in shards), "total": prompts_total * n},
         "output_tokens": sum(e["output_tokens"] for e in shards),
-        "tokens_per_s": round(tps, 1), "eta_s": None if eta is None else round(eta, 1),
-        "slowest": [e["shard"] for e in slowest], "failed": failures,
+        "tokens_per_s": round(tps, 1),
+        "eta_s": None if eta is None else round(eta, 1),
+        "slowest": [e["shard"] for e in slowest],
+        "failed": failures,
         "complete": len(done) == len(shards),
         "resume_command": f"hpcrollout resume {rundir.root}",
     }
@@ -292,7 +357,11 @@ def _shard_state(hb: dict[str, Any], t: dict[str, Any] | None, now: float, hb_ev
     sched, rec = t["slurm_state"], t["record_state"]
     if t["job_id"]:
         job_array, _, job_index = t["job_id"].partition("_")
-        this_attempt = hb_running and str(hb.get("slurm_array_job_id")) == job_array and str(hb.get("slurm_array_task_id")) == job_index
+        this_attempt = (
+            hb_running
+            and str(hb.get("slurm_array_job_id")) == job_array
+            and str(hb.get("slurm_array_task_id")) == job_index
+        )
         if sched in ("RUNNING", "COMPLETING", "CONFIGURING"):
             return "running" if this_attempt else "pending"
         if sched in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED"):
@@ -336,28 +405,40 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
     ]
     tps = rate if rate is not None else st["tokens_per_s"]
     window = f"last {RATE_WINDOW_S / 60:.0f} min" if rate is not None else "running attempts"
-    lines.append(f"throughput {tps:.1f} output tok/s ({window}), ETA {_dur(st['eta_s']) if not st['complete'] else 'done'}")
+    lines.append(
+        f"throughput {tps:.1f} output tok/s ({window}), ETA {_dur(st['eta_s']) if not st['complete'] else 'done'}"
+    )
     if not (st["scheduler"]["squeue"] or st["scheduler"]["sacct"]):
         lines.append("(no squeue/sacct here: states come from the run directory only)")
     elif not st["scheduler"]["sacct"]:
         lines.append("(no sacct here: finished or cancelled jobs are known only from the run directory)")
     lines.append("")
-    lines.append(f"{'shard':>5} {'task':>4} {'job':>12} {'state':<9} {'prompts':>13} {'tok/s':>8} {'eta':>7} {'requeues':>8}")
+    lines.append(
+        f"{'shard':>5} {'task':>4} {'job':>12} {'state':<9} {'prompts':>13} {'tok/s':>8} {'eta':>7} {'requeues':>8}"
+    )
     for e in st["shards"]:
         prompts = f"{e['prompts_done']}/{e['prompts_total']}"
         tok = f"{e['tokens_per_s']:.1f}" if "tokens_per_s" in e else "-"
         eta = _dur(e.get("eta_s")) if e["state"] == "running" else "-"
         task = "-" if e["task"] is None else str(e["task"])
-        lines.append(f"{e['shard']:>5} {task:>4} {e.get('job_id') or '-':>12} {e['state']:<9} {prompts:>13} {tok:>8} {eta:>7} {e.get('requeues', 0):>8}")
+        lines.append(
+            f"{e['shard']:>5} {task:>4} {e.get('job_id') or '-':>12} {e['state']:<9} {prompts:>13} {tok:>8} {eta:>7} {e.get('requeues', 0):>8}"
+        )
     if st["slowest"]:
         lines.append("")
-        lines.append("slowest running shards: " + ", ".join(
-            f"{e['shard']} ({e['prompts_done']}/{e['prompts_total']}, eta {_dur(e.get('eta_s'))}, on {e.get('host')})"
-            for e in st["shards"] if e["shard"] in st["slowest"]
-        ))
+        lines.append(
+            "slowest running shards: "
+            + ", ".join(
+                f"{e['shard']} ({e['prompts_done']}/{e['prompts_total']}, eta {_dur(e.get('eta_s'))}, on {e.get('host')})"
+                for e in st["shards"]
+                if e["shard"] in st["slowest"]
+            )
+        )
     for f in st["failed"]:
         lines.append("")
-        what = f"task {f['task']}" + (f" (job {f['job_id']}, {f['slurm_state']}, exit {f['exit_code']})" if f["job_id"] else "")
+        what = f"task {f['task']}" + (
+            f" (job {f['job_id']}, {f['slurm_state']}, exit {f['exit_code']})" if f["job_id"] else ""
+        )
         lines.append(f"FAILED {what}: shards {', '.join(map(str, f['shards']))}; attempts that raised: {f['failures']}")
         if f["error"]:
             lines.append(f"  error: {f['error']}")
@@ -375,8 +456,15 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="the run directory")
-    parser.add_argument("--watch", nargs="?", type=float, const=10.0, default=None, metavar="SECONDS",
-                        help="refresh every SECONDS (default 10) until the run is complete or failed")
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=10.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 10) until the run is complete or failed",
+    )
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
 
 

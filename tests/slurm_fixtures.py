@@ -27,11 +27,15 @@ def _cluster_problem() -> str | None:
             return f"{tool} is not installed"
     try:
         nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30)
-        acct = subprocess.run(["sacct", "-n", "-X", "--starttime", "now-1minutes"], capture_output=True, text=True, timeout=30)
+        acct = subprocess.run(
+            ["sacct", "-n", "-X", "--starttime", "now-1minutes"], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         return f"sinfo/sacct did not answer: {exc}"
     states = nodes.stdout.split()
-    if nodes.returncode != 0 or not any(s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for s in states):
+    if nodes.returncode != 0 or not any(
+        s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for s in states
+    ):
         return f"no usable node (sinfo: {nodes.stdout.strip() or nodes.stderr.strip()})"
     if acct.returncode != 0:
         return f"sacct fails (is slurmdbd running?): {acct.stderr.strip()}"
