@@ -1,0 +1,426 @@
+"""The vLLM backend: a shard's backlog streamed through vLLM 0.26's LLMEngine, results yielded as they finish.
+
+How it keeps the GPU as busy as one ``LLM.generate`` call on everything:
+- vLLM's engine core runs in its own process and schedules whatever requests it holds, so the backlog is
+  submitted ahead (a window of at least ``_WINDOW_PROMPTS`` prompts, refilled as prompts finish) and the
+  core never runs dry; memory stays bounded for 10^5-prompt shards.
+- Prompts are rendered (chat template) and tokenized here in batches, ahead of the engine, and handed over
+  as token ids; the time this takes is measured (``describe()["tokenize_s"]``).
+- One request per prompt with ``n`` samples (the prompt's KV is shared by prefix caching) and
+  ``seed = prompt seed``; vLLM gives child ``i`` the seed ``seed + i`` (v1/engine/parallel_sampling.py,
+  ``ParentRequest._get_child_sampling_params``), which is what each sample records.
+- A prompt vLLM rejects (too long, empty) becomes an error record for its row; the others go on.
+
+torch.compile artifacts go to ``VLLM_CACHE_ROOT`` (default here: ``RUN_DIR/cache/vllm``, shared by all tasks
+of a run on the shared filesystem). The first task to start a given model/settings compiles under a file
+lock; tasks starting meanwhile wait for it and then load its artifacts instead of compiling the same graphs
+concurrently into the same files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from hpcrollout.engines import tensor_parallel_size
+from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
+from hpcrollout.errors import HpcRolloutError
+
+log = logging.getLogger("hpcrollout")
+
+_WINDOW_PROMPTS = 1024  # prompts submitted ahead at least; more when 4 * max_num_seqs sequences need more
+_TOKENIZE_BATCH = 256  # prompts rendered and tokenized per refill
+_LOCK_TIMEOUT_S = 1800.0  # a compile that holds the lock longer than this is presumed dead; start anyway
+
+# Engine options passed to vllm.LLM under the same names (None means: vLLM's default).
+_ENGINE_KEYS = (
+    "pipeline_parallel_size",
+    "gpu_memory_utilization",
+    "max_model_len",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "enable_prefix_caching",
+    "kv_cache_dtype",
+    "dtype",
+    "quantization",
+    "enforce_eager",
+    "seed",
+    "load_format",
+)
+
+
+def llm_kwargs(config: Any) -> dict[str, Any]:
+    """The keyword arguments for ``vllm.LLM`` from the config: model, parallelism, engine.*, engine.kwargs."""
+    mc, ec = config.model, config.engine
+    kwargs: dict[str, Any] = {
+        "model": mc.path,
+        "tokenizer": mc.tokenizer,
+        "trust_remote_code": mc.trust_remote_code,
+        "tensor_parallel_size": tensor_parallel_size(config),
+    }
+    kwargs.update({key: getattr(ec, key) for key in _ENGINE_KEYS})
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs.update(ec.kwargs)  # engine.kwargs wins: any EngineArgs field, passed as is
+    return kwargs
+
+
+def sampling_kwargs(config: Any) -> dict[str, Any]:
+    """``vllm.SamplingParams`` fields from ``sampling.*`` (seed and output kind are set per request)."""
+    sp = config.sampling
+    return {
+        "n": sp.n,
+        "temperature": sp.temperature,
+        "top_p": sp.top_p,
+        "top_k": sp.top_k,
+        "min_p": sp.min_p,
+        "max_tokens": sp.max_tokens,
+        "stop": list(sp.stop),
+        "stop_token_ids": list(sp.stop_token_ids),
+        "ignore_eos": sp.ignore_eos,
+        "repetition_penalty": sp.repetition_penalty,
+        "presence_penalty": sp.presence_penalty,
+        "frequency_penalty": sp.frequency_penalty,
+        "skip_special_tokens": sp.skip_special_tokens,
+        # logprobs=0: only the chosen token's logprob; flat lists keep the garbage collector out of the loop.
+        "logprobs": 0 if sp.logprobs else None,
+        "flat_logprobs": True,
+    }
+
+
+class PromptRenderer:
+    """Chat template + tokenizer: requests -> prompt token ids, in batches, as vLLM's chat/generate would."""
+
+    def __init__(self, config: Any, tokenizer: Any = None) -> None:
+        mc = config.model
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(
+                    mc.tokenizer or mc.path, trust_remote_code=mc.trust_remote_code
+                )
+            except OSError as exc:
+                raise HpcRolloutError(
+                    f"model.tokenizer/model.path: cannot load a tokenizer from {mc.tokenizer or mc.path!r}: {exc}"
+                ) from None
+        self.tokenizer = tokenizer
+        self.template: str | None = None
+        if mc.chat_template:
+            path = Path(mc.chat_template)
+            if not path.is_file():
+                raise HpcRolloutError(f"model.chat_template: {path} does not exist (give a Jinja template file)")
+            self.template = path.read_text()
+        self.template_kwargs = dict(mc.chat_template_kwargs)
+        self.tokenize_s = 0.0
+        self.prompts = 0
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        if self.template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise HpcRolloutError(
+                "the model's tokenizer has no chat template, but the input holds chat messages; "
+                "set model.chat_template to a Jinja template file (or give raw string prompts)"
+            )
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=True, **self.template_kwargs
+        )
+
+    def encode(self, requests: list[PromptRequest]) -> list[list[int] | str]:
+        """Token ids per request, or the reason the request cannot be rendered (an error record)."""
+        started = time.perf_counter()
+        out: list[list[int] | str] = [""] * len(requests)
+        chat: list[tuple[int, str]] = []
+        raw: list[tuple[int, str]] = []
+        for i, req in enumerate(requests):
+            if req.messages is None:
+                raw.append((i, req.text or ""))
+                continue
+            try:
+                chat.append((i, self.render(req.messages)))
+            except HpcRolloutError:
+                raise
+            except Exception as exc:  # a template that rejects this conversation fails the row, not the shard
+                out[i] = f"chat template failed: {type(exc).__name__}: {exc}"
+        # Rendered chat text already holds its special tokens (as in vLLM's chat path); raw text gets the
+        # tokenizer's usual BOS handling (as in LLM.generate). One batched call each: fast tokenizers use threads.
+        for group, special in ((chat, False), (raw, True)):
+            if group:
+                ids = self.tokenizer([text for _, text in group], add_special_tokens=special)["input_ids"]
+                for (i, _), row_ids in zip(group, ids, strict=True):
+                    out[i] = list(row_ids)
+        self.tokenize_s += time.perf_counter() - started
+        self.prompts += len(requests)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- compile cache
+def compile_cache_root(config: Any) -> Path | None:
+    """Where vLLM keeps its torch.compile cache: VLLM_CACHE_ROOT if set, else RUN_DIR/cache/vllm, else vLLM's default."""
+    if os.environ.get("VLLM_CACHE_ROOT"):
+        return Path(os.environ["VLLM_CACHE_ROOT"]).expanduser()
+    if config.run_dir:
+        return Path(config.run_dir) / "cache" / "vllm"
+    return None
+
+
+def compile_cache_key(kwargs: dict[str, Any]) -> str:
+    """What decides the compiled graphs, roughly: model architecture file and engine settings."""
+    model_cfg = Path(str(kwargs.get("model", ""))) / "config.json"
+    try:
+        arch = model_cfg.read_text()
+    except OSError:
+        arch = str(kwargs.get("model"))
+    try:
+        import vllm
+
+        version = vllm.__version__
+    except ImportError:
+        version = "?"
+    settings = {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer", "gpu_memory_utilization", "seed")}
+    blob = json.dumps([version, arch, settings], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def compile_lock(root: Path | None, key: str, timeout_s: float = _LOCK_TIMEOUT_S) -> Iterator[dict[str, Any]]:
+    """Serialize the first (compiling) start per cache key; later starts find the ready marker and skip the lock.
+
+    Yields facts for describe(): whether the cache was ready, how long this start waited for another's compile.
+    A filesystem without working flock degrades to no lock (a warning), never to a failure.
+    """
+    info: dict[str, Any] = {"root": str(root) if root else None, "key": key, "ready_before": False, "waited_s": 0.0}
+    if root is None:
+        yield info
+        return
+    locks = root / "hpcrollout-locks"
+    ready = locks / f"{key}.ready"
+    if ready.is_file():
+        info["ready_before"] = True
+        yield info
+        return
+    locks.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open(locks / f"{key}.lock", "a+") as f:
+        held = False
+        try:
+            while True:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held = True
+                    break
+                except BlockingIOError:
+                    if time.monotonic() - started > timeout_s:
+                        log.warning("compile cache %s: lock held for over %.0f s; starting without it", root, timeout_s)
+                        break
+                    time.sleep(1.0)
+                except OSError as exc:  # e.g. ENOLCK on a filesystem without locks
+                    log.warning("compile cache %s: cannot lock (%s); starting without the lock", root, exc)
+                    break
+            info["waited_s"] = round(time.monotonic() - started, 3)
+            info["ready_before"] = ready.is_file()
+            if info["ready_before"] and held:  # another task compiled while this one waited: no need to hold it
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                held = False
+            yield info
+            if not info["ready_before"]:
+                ready.write_text(
+                    json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}) + "\n"
+                )
+        finally:
+            if held:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+class VllmEngine(Engine):
+    """vLLM's LLMEngine behind the Engine interface (see the module docstring)."""
+
+    name = "vllm"
+
+    def __init__(self, config: Any, *, llm: Any = None) -> None:
+        """Start vLLM for ``config`` (or reuse ``llm``, an already started ``vllm.LLM`` of the same model)."""
+        super().__init__(config)
+        import vllm
+        from vllm import SamplingParams
+
+        self._vllm_version = vllm.__version__
+        self._SamplingParams = SamplingParams
+        config.require("model.path")
+        self.kwargs = llm_kwargs(config)
+        self.cache: dict[str, Any] = {}
+        started = time.monotonic()
+        if llm is None:
+            root = compile_cache_root(config)
+            previous = os.environ.get("VLLM_CACHE_ROOT")
+            if root is not None:
+                root.mkdir(parents=True, exist_ok=True)
+                os.environ["VLLM_CACHE_ROOT"] = str(root)  # inherited by the engine core process vLLM starts
+            try:
+                with compile_lock(root, compile_cache_key(self.kwargs)) as self.cache:
+                    llm = self._start(vllm)
+            finally:  # the engine's processes have their copy; a later engine here may use another run_dir
+                if previous is None:
+                    os.environ.pop("VLLM_CACHE_ROOT", None)
+                else:
+                    os.environ["VLLM_CACHE_ROOT"] = previous
+        self.engine_start_s = time.monotonic() - started - float(self.cache.get("waited_s", 0.0))
+        self.llm = llm
+        self.engine = llm.llm_engine
+        self.max_model_len = int(self.engine.model_config.max_model_len)
+        self.max_num_seqs = int(self.engine.vllm_config.scheduler_config.max_num_seqs)
+        self.renderer = PromptRenderer(config, tokenizer=llm.get_tokenizer())
+        from vllm.sampling_params import RequestOutputKind
+
+        # FINAL_ONLY: one output per prompt, once all its n samples are done (what LLM.generate asks for too).
+        self.base_sampling = dict(sampling_kwargs(config), output_kind=RequestOutputKind.FINAL_ONLY)
+        try:  # vLLM's own validation, once, with the config's names in the message
+            SamplingParams(**self.base_sampling)
+        except (ValueError, TypeError) as exc:
+            raise HpcRolloutError(f"sampling: vLLM rejects these settings: {exc}") from None
+        # Benchmarks (and callers with per-row lengths) may override SamplingParams fields per request.
+        self.per_request_sampling: Callable[[PromptRequest], dict[str, Any]] | None = None
+        self._ids = itertools.count()
+        self.window = max(_WINDOW_PROMPTS, -(-4 * self.max_num_seqs // config.sampling.n))
+        log.info(
+            "vLLM %s ready in %.1f s (max_model_len %d, max_num_seqs %d, compile cache %s)",
+            self._vllm_version,
+            self.engine_start_s,
+            self.max_model_len,
+            self.max_num_seqs,
+            self.cache.get("root"),
+        )
+
+    def _start(self, vllm: Any) -> Any:
+        try:
+            return vllm.LLM(**self.kwargs)
+        except TypeError as exc:
+            if "unexpected keyword argument" in str(exc):
+                raise HpcRolloutError(f"engine.kwargs: vLLM {vllm.__version__} does not accept {exc}") from None
+            raise
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "backend": self.name,
+            "vllm": self._vllm_version,
+            "model": self.config.model.path,
+            "tensor_parallel_size": self.kwargs.get("tensor_parallel_size"),
+            "pipeline_parallel_size": self.kwargs.get("pipeline_parallel_size", 1),
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs,
+            "engine_start_s": round(self.engine_start_s, 3),
+            "compile_cache": dict(self.cache),
+            "tokenize_s": round(self.renderer.tokenize_s, 3),
+            "tokenized_prompts": self.renderer.prompts,
+        }
+        with contextlib.suppress(Exception):  # NVML, no CUDA context in this process
+            from vllm.platforms import current_platform
+
+            info["device"] = current_platform.get_device_name()
+        return info
+
+    def close(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                engine.engine_core.shutdown()
+        self.engine = None
+        self.llm = None
+
+    # requests -> vLLM
+    def _params(self, request: PromptRequest) -> Any:
+        fields = dict(self.base_sampling, seed=request.seed)
+        if self.per_request_sampling is not None:
+            fields.update(self.per_request_sampling(request))
+        return self._SamplingParams(**fields)
+
+    def _submit(
+        self, batch: list[PromptRequest], inflight: dict[str, PromptRequest], failed: list[PromptResult]
+    ) -> None:
+        from vllm.inputs import tokens_input
+
+        for request, ids in zip(batch, self.renderer.encode(batch), strict=True):
+            if isinstance(ids, str):
+                failed.append(PromptResult.failed(request, ids))
+                continue
+            if len(ids) >= self.max_model_len:
+                failed.append(
+                    PromptResult.failed(
+                        request,
+                        (
+                            f"prompt has {len(ids)} tokens, more than engine.max_model_len={self.max_model_len} allows "
+                            "(at least one token must be generated); raise engine.max_model_len or shorten the prompt"
+                        ),
+                    )
+                )
+                continue
+            request_id = f"{request.row}-{next(self._ids)}"
+            try:
+                # Token ids in vLLM's processed-input form: no string-prompt deprecation, no second tokenization.
+                self.engine.add_request(request_id, tokens_input(ids), self._params(request))
+            except Exception as exc:  # vLLM rejected this one prompt (length, vocabulary, parameters)
+                failed.append(PromptResult.failed(request, f"vLLM rejected the prompt: {type(exc).__name__}: {exc}"))
+                continue
+            inflight[request_id] = request
+
+    def generate(self, requests: Iterable[PromptRequest]) -> Iterator[PromptResult]:
+        source = iter(requests)
+        inflight: dict[str, PromptRequest] = {}
+        failed: list[PromptResult] = []
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(inflight) + _TOKENIZE_BATCH <= self.window:
+                    batch = list(itertools.islice(source, _TOKENIZE_BATCH))
+                    exhausted = len(batch) < _TOKENIZE_BATCH
+                    self._submit(batch, inflight, failed)
+                while failed:
+                    yield failed.pop(0)
+                if not inflight:
+                    if exhausted:
+                        return
+                    continue
+                for output in self.engine.step():
+                    if output.finished and output.request_id in inflight:
+                        yield self._result(inflight.pop(output.request_id), output)
+        finally:
+            if inflight:  # generator closed early or an error: leave the engine clean for the next shard
+                self.engine.abort_request(list(inflight))
+
+    def _result(self, request: PromptRequest, output: Any) -> PromptResult:
+        sp = self.config.sampling
+        samples = []
+        for o in sorted(output.outputs, key=lambda o: o.index):
+            token_ids = list(o.token_ids)
+            samples.append(
+                Sample(
+                    text=o.text,
+                    num_tokens=len(token_ids),
+                    finish_reason=o.finish_reason or "abort",
+                    seed=request.seed + o.index,
+                    stop_reason=None if o.stop_reason is None else str(o.stop_reason),
+                    token_ids=token_ids if sp.return_token_ids else None,
+                    logprobs=chosen_logprobs(o.logprobs, token_ids) if sp.logprobs else None,
+                    cumulative_logprob=o.cumulative_logprob if sp.logprobs else None,
+                )
+            )
+        return PromptResult(
+            uid=request.uid, row=request.row, samples=samples, prompt_tokens=len(output.prompt_token_ids or ())
+        )
+
+
+def chosen_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:
+    """The logprob of each sampled token, from vLLM's flat or per-position logprobs."""
+    if logprobs is None:
+        return []
+    if hasattr(logprobs, "start_indices"):  # FlatLogprobs: the sampled token comes first at each position
+        return [float(logprobs.logprobs[i]) for i in logprobs.start_indices]
+    return [float(pos[tok].logprob) for pos, tok in zip(logprobs, token_ids, strict=False)]
