@@ -206,9 +206,13 @@ class ClaimBoard:
         return gen, _read(self.path(shard, gen))
 
     def _claimable(self, data: dict[str, Any] | None, now: float) -> bool:
-        if data is None or data.get("token") == self.token:
+        if data is None:
             return False
-        return bool(data.get("released")) or now > float(data["lease_until"]) + self.margin_s
+        if data.get("released"):
+            return True
+        if data.get("token") == self.token and not data.get("abandoned"):
+            return False  # our own live claim
+        return now > float(data["lease_until"]) + self.margin_s
 
     def _is_done(self, shard: int, is_done: Callable[[int], bool]) -> bool:
         if shard in self._done:

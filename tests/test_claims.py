@@ -1,0 +1,230 @@
+"""Claim protocol: exactly-once under concurrent claimers, claimant death and reclaim, stale claimants."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from hpcrollout.claims import ClaimBoard, create_exclusive, order_by_expected_work
+from hpcrollout.rundir import RunDir, shard_name
+
+
+class FakeClock:
+    """A settable clock, so lease expiry is exercised without sleeping."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def commit(run_dir: RunDir, shard: int, owner: str) -> bool:
+    """What the worker does at the end of a unit: create-if-absent output, then the done marker."""
+    created = create_exclusive(run_dir.shard_output(shard), {"owner": owner})
+    if created:
+        run_dir.done_marker(shard).parent.mkdir(parents=True, exist_ok=True)
+        run_dir.done_marker(shard).write_text("{}")
+    return created
+
+
+def make_run_dir(tmp_path: Path) -> RunDir:
+    run_dir = RunDir(tmp_path / "run")
+    for sub in ("outputs", "done", "claims"):
+        (run_dir.root / sub).mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def hammer(root: str, owner: str, units: int, lease_s: float, log_path: str) -> None:
+    """One claimer process: claim, 'process', commit create-if-absent, release; p0 stalls on its second unit."""
+    run_dir = RunDir(root)
+    board = ClaimBoard(run_dir, owner, order=list(range(units)), lease_s=lease_s, margin_s=0.05)
+    records: list[dict] = []
+    while (claim := board.wait_for_claim()) is not None:
+        if owner == "p0" and len(records) == 1:
+            # a stalled claimant (no renewals, like a paused process) resumes only after its unit was reclaimed
+            # and committed by another; the others are still busy then (each unit sleeps 40 ms, ~1 s in all)
+            for _ in range(600):
+                if run_dir.shard_output(claim.shard).exists():
+                    break
+                time.sleep(0.05)
+            committed = commit(run_dir, claim.shard, owner)
+        else:
+            with board.keeper(claim):
+                time.sleep(0.04)
+                committed = commit(run_dir, claim.shard, owner)
+        board.release(claim)
+        records.append({"shard": claim.shard, "committed": committed, "intervals": claim.intervals})
+    Path(log_path).write_text(json.dumps(records))
+
+
+def test_exactly_once_under_concurrent_claimers(tmp_path: Path) -> None:
+    run_dir = make_run_dir(tmp_path)
+    units, procs, lease_s = 200, 8, 0.8
+    ctx = multiprocessing.get_context("fork")
+    workers = [
+        ctx.Process(target=hammer, args=(str(run_dir.root), f"p{i}", units, lease_s, str(tmp_path / f"log{i}.json")))
+        for i in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=50)
+        assert w.exitcode == 0
+    records = [(i, r) for i in range(procs) for r in json.loads((tmp_path / f"log{i}.json").read_text())]
+
+    # every unit committed exactly once, and the one output is the committer's
+    committed = [r["shard"] for _, r in records if r["committed"]]
+    assert sorted(committed) == list(range(units))
+    outputs = sorted(p.name for p in (run_dir.root / "outputs").iterdir() if not p.name.startswith("."))
+    assert outputs == sorted(f"{shard_name(s)}.parquet" for s in range(units))
+    for i, r in records:
+        if r["committed"]:
+            assert json.loads(run_dir.shard_output(r["shard"]).read_text())["owner"] == f"p{i}"
+
+    # no unit validly held by two claimants at once
+    by_shard: dict[int, list[tuple[float, float, int]]] = {}
+    for i, r in records:
+        for _gen, start, end in r["intervals"]:
+            by_shard.setdefault(r["shard"], []).append((start, end, i))
+    for shard, spans in by_shard.items():
+        for s1, e1, p1 in spans:
+            for s2, e2, p2 in spans:
+                assert p1 == p2 or s2 >= e1 or s1 >= e2, f"shard {shard}: p{p1} {s1}..{e1} and p{p2} {s2}..{e2}"
+    # the stalled claimant's unit was reclaimed, and its late finish lost the commit race
+    assert any(gen > 0 for _, r in records for gen, _, _ in r["intervals"])
+    assert [r["committed"] for i, r in records if i == 0][1] is False
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from hpcrollout.claims import ClaimBoard
+    from hpcrollout.rundir import RunDir
+    board = ClaimBoard(RunDir(sys.argv[1]), "child", order=[0, 1], lease_s=float(sys.argv[2]), margin_s=0.05)
+    claim = board.claim_next(lambda s: False)
+    with board.keeper(claim):
+        Path(sys.argv[3]).write_text(str(claim.shard))
+        time.sleep(600)
+    """
+)
+
+
+def test_killed_claimant_is_reclaimed(tmp_path: Path) -> None:
+    run_dir = make_run_dir(tmp_path)
+    flag = tmp_path / "claimed"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(run_dir.root), "1.0", str(flag)])
+    try:
+        for _ in range(600):
+            if flag.exists() or child.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert flag.read_text() == "0"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    time.sleep(0.6)  # past half the lease: the child has surely missed a renewal, so the unit is suspect
+    board = ClaimBoard(run_dir, "rescuer", order=[0, 1], lease_s=1.0, margin_s=0.05)
+    first = board.wait_for_claim(lambda s: False)
+    assert first is not None and first.shard == 1  # the free unit first: live-looking holders are not waited for
+    second = board.wait_for_claim(lambda s: False)  # then wait out the dead child's lease and take its unit
+    assert second is not None and (second.shard, second.generation) == (0, 1)
+    assert board.status()[0]["owner"] == "rescuer"
+    for claim in (first, second):
+        board.release(claim)
+    assert board.wait_for_claim(lambda s: s in (0, 1)) is None
+
+
+def test_live_holders_are_not_waited_for_and_expiry_is_reclaimed(tmp_path: Path) -> None:
+    run_dir, clock = make_run_dir(tmp_path), FakeClock()
+    a = ClaimBoard(run_dir, "a", order=[0], lease_s=10, margin_s=1, clock=clock)
+    b = ClaimBoard(run_dir, "b", order=[0], lease_s=10, margin_s=1, clock=clock)
+    held = a.claim_next(lambda s: False)
+    assert held is not None and b.claim_next(lambda s: False) is None and b.retry_at is None
+    clock.now += 2.4
+    assert a.renew(held)  # healthy holder: b still has nothing to wait for
+    clock.now += 2.4
+    assert b.claim_next(lambda s: False) is None and b.retry_at is None
+    clock.now += 3.0  # a missed a renewal: b may wait for the lease (renewed at +2.4 -> 12.4) plus the margin
+    assert b.claim_next(lambda s: False) is None and b.retry_at == held.lease_until + 1
+    clock.now = b.retry_at + 0.1
+    taken = b.claim_next(lambda s: False)
+    assert taken is not None and (taken.shard, taken.generation) == (0, 1)
+    assert not a.renew(held) and held.lost and not a.holds(held)
+    assert b.status()[0]["owner"] == "b" and b.status()[0]["state"] == "held"
+    b.release(taken)
+    assert a.status()[0]["state"] == "released"
+
+
+def test_stale_claimant_finishing_late_leaves_one_copy(tmp_path: Path) -> None:
+    run_dir, clock = make_run_dir(tmp_path), FakeClock()
+    stale = ClaimBoard(run_dir, "stale", order=[0], lease_s=10, margin_s=1, clock=clock)
+    fresh = ClaimBoard(run_dir, "fresh", order=[0], lease_s=10, margin_s=1, clock=clock)
+    old = stale.claim_next(run_dir.is_done)
+    clock.now += 30  # the stale claimant stalls (GC pause, SIGSTOP, dead NFS mount) without renewing
+    new = fresh.claim_next(run_dir.is_done)
+    assert old is not None and new is not None and new.generation == 1
+    assert commit(run_dir, 0, "fresh")
+    fresh.release(new)
+    assert not stale.holds(old) and not stale.renew(old)  # it notices it lost the unit...
+    assert not commit(run_dir, 0, "stale")  # ...and finishing anyway cannot double the output
+    stale.release(old)
+    assert json.loads(run_dir.shard_output(0).read_text())["owner"] == "fresh"
+    assert stale.claim_next(run_dir.is_done) is None and fresh.claim_next(run_dir.is_done) is None
+
+
+def test_lapsed_owner_reacquires_when_nobody_took_it(tmp_path: Path) -> None:
+    run_dir, clock = make_run_dir(tmp_path), FakeClock()
+    board = ClaimBoard(run_dir, "slow", order=[0], lease_s=10, margin_s=1, clock=clock)
+    claim = board.claim_next(lambda s: False)
+    clock.now += 15
+    assert claim is not None and board.renew(claim) and claim.generation == 1
+    assert [gen for gen, _, _ in claim.intervals] == [0, 1]
+
+
+def test_reclaim_racing_a_renewal_never_double_holds(tmp_path: Path) -> None:
+    run_dir = make_run_dir(tmp_path)
+    owner_clock, fast_clock = FakeClock(0.0), FakeClock(12.0)  # the reclaimer's clock runs 12 s ahead
+    owner = ClaimBoard(run_dir, "owner", order=[0], lease_s=10, margin_s=1, clock=owner_clock)
+    racer = ClaimBoard(run_dir, "racer", order=[0], lease_s=10, margin_s=1, clock=fast_clock)
+    held = owner.claim_next(lambda s: False)
+    assert held is not None
+    owner_clock.now = 5.0
+    create = racer._create
+
+    def create_while_owner_renews(shard: int, generation: int):  # the owner renews between read and create
+        assert owner.renew(held)
+        return create(shard, generation)
+
+    racer._create = create_while_owner_renews  # type: ignore[method-assign]
+    assert racer.claim_next(lambda s: False) is None  # it sees the renewal and backs off
+    racer._create = create  # type: ignore[method-assign]
+    owner_clock.now = 6.0
+    assert not owner.renew(held)  # the owner sees generation 1 and stops: nobody holds it twice
+    assert racer.status()[0]["state"] == "abandoned"
+    third = ClaimBoard(run_dir, "third", order=[0], lease_s=10, margin_s=1, clock=FakeClock(16.5))
+    taken = third.claim_next(lambda s: False)
+    assert taken is not None and taken.generation == 2
+
+
+def test_fresh_claims_follow_the_order_and_resume_skips_done(tmp_path: Path) -> None:
+    run_dir = make_run_dir(tmp_path)
+    manifest = {"shards": [{"est_work": w} for w in (5, 50, 20, 50, 1)]}
+    order = order_by_expected_work(manifest)
+    assert order == [1, 3, 2, 0, 4]
+    done = {2}
+    a = ClaimBoard(run_dir, "a", order=order, lease_s=60)
+    b = ClaimBoard(run_dir, "b", order=order, lease_s=60)
+    got = []
+    for board in (a, b, a, b, a):
+        claim = board.claim_next(lambda s: s in done)
+        got.append(None if claim is None else claim.shard)
+    assert got == [1, 3, 0, 4, None]
