@@ -160,7 +160,10 @@ def plan_shards(work: np.ndarray, num_shards: int, max_rows: int) -> list[tuple[
     num_shards = max(1, min(n, max(num_shards, -(-n // max_rows))))
     cum = np.cumsum(work, dtype=np.float64)
     targets = cum[-1] * np.arange(1, num_shards) / num_shards
-    cuts = np.searchsorted(cum, targets, side="left") + 1
+    idx = np.searchsorted(cum, targets, side="left")
+    below = np.where(idx > 0, cum[np.maximum(idx - 1, 0)], 0.0)
+    # cut after row idx or before it, whichever lands nearer the target
+    cuts = np.where(cum[np.minimum(idx, n - 1)] - targets <= targets - below, idx + 1, idx)
     bounds = [0, *sorted(set(int(c) for c in cuts if 0 < c < n)), n]
     ranges = []
     for a, b in zip(bounds[:-1], bounds[1:]):

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import pytest
+
+from hpcrollout.config import load_config, parse_override
+from hpcrollout.errors import HpcRolloutError
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = write(tmp_path, "sampling:\n  n: 4\n  temperature: 0.9\nengine:\n  kwargs: {swap_space: 4}\n")
+    c = load_config(p, ["sampling.temperature=0.7", "sampling.stop=['</s>', '###']", "engine.max_model_len=4096"])
+    assert c.sampling.n == 4 and c.sampling.temperature == 0.7
+    assert c.sampling.stop == ["</s>", "###"]
+    assert c.engine.max_model_len == 4096 and c.engine.kwargs == {"swap_space": 4}
+
+
+def test_unknown_key_names_dotted_key(tmp_path):
+    p = write(tmp_path, "sampling:\n  temprature: 0.7\n")
+    with pytest.raises(HpcRolloutError, match=r"sampling\.temprature: unknown key"):
+        load_config(p)
+
+
+def test_bad_value_names_key_and_value(tmp_path):
+    with pytest.raises(HpcRolloutError, match=r"sampling\.top_p: .*1\.5"):
+        load_config(None, ["sampling.top_p=1.5"])
+    with pytest.raises(HpcRolloutError, match=r"backend"):
+        load_config(None, ["backend=tgi"])
+    with pytest.raises(HpcRolloutError, match=r"sampling\.n"):
+        load_config(None, ["sampling.n=zero"])
+
+
+def test_override_syntax_errors():
+    with pytest.raises(HpcRolloutError, match="KEY=VALUE"):
+        parse_override("sampling.temperature")
+    with pytest.raises(HpcRolloutError, match="not a section"):
+        load_config(None, ["sampling.n=2", "sampling.n.x=1"])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(HpcRolloutError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(HpcRolloutError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(HpcRolloutError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [\n"))
+
+
+def test_greedy_with_n_is_refused():
+    with pytest.raises(HpcRolloutError, match="identical"):
+        load_config(None, ["sampling.n=4", "sampling.temperature=0"])
+
+
+def test_generation_fingerprint_ignores_resources():
+    a = load_config(None, ["sampling.n=2"])
+    b = load_config(None, ["sampling.n=2", "slurm.partition=gpu", "executor.num_tasks=8"])
+    c = load_config(None, ["sampling.n=3"])
+    assert a.generation_fingerprint() == b.generation_fingerprint()
+    assert a.generation_fingerprint()["sampling"] != c.generation_fingerprint()["sampling"]
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
+        load_config(path)

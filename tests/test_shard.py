@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hpcrollout.errors import HpcRolloutError
+from hpcrollout.rundir import RunDir
+from hpcrollout.schema import ROW, UID
+from hpcrollout.shard import plan_shards, prepare_run
+from tests.conftest import make_config, make_prompts, write_input
+
+
+def test_plan_balances_work_not_rows():
+    work = np.array([100.0] * 10 + [1.0] * 90)
+    ranges = plan_shards(work, 2, 10_000)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 100
+    sums = [work[a:b].sum() for a, b in ranges]
+    assert max(sums) / min(sums) < 1.25
+    assert ranges[0][1] - ranges[0][0] < 20  # the heavy rows get a short shard
+
+
+def test_plan_caps_rows_and_covers_everything():
+    work = np.ones(1000)
+    ranges = plan_shards(work, 3, 100)
+    assert len(ranges) == 10 and all(b - a <= 100 for a, b in ranges)
+    assert ranges[0][0] == 0 and all(x[1] == y[0] for x, y in zip(ranges, ranges[1:])) and ranges[-1][1] == 1000
+    assert plan_shards(np.ones(3), 8, 100) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_shards_carry_every_column_with_rows_and_uids(tmp_path, tiny_model):
+    inp = write_input(tmp_path / "in.parquet", make_prompts(23))
+    config = make_config(tmp_path, tiny_model, inp, sharding={"num_shards": 4})
+    rundir = prepare_run(config)
+    manifest = rundir.manifest()
+    assert manifest["num_rows"] == 23 and len(manifest["shards"]) == 4
+    tables = [pq.read_table(rundir.shard_input(s)) for s in range(4)]
+    joined = pa.concat_tables(tables)
+    assert joined.column(ROW).to_pylist() == list(range(23))
+    assert joined.drop_columns([ROW, UID]).equals(pq.read_table(inp))
+    assert len(set(joined.column(UID).to_pylist())) == 23
+    # the same input gives the same uids in another run directory
+    other = prepare_run(make_config(tmp_path / "b", tiny_model, inp, sharding={"num_shards": 2}))
+    again = pa.concat_tables([pq.read_table(other.shard_input(s)) for s in range(2)])
+    assert again.column(UID).equals(joined.column(UID))
+
+
+def test_id_column_gives_uids(tmp_path, tiny_model):
+    inp = write_input(tmp_path / "in.parquet", make_prompts(5))
+    rundir = prepare_run(make_config(tmp_path, tiny_model, inp, data={"id_column": "qid"}))
+    assert pq.read_table(rundir.shard_input(0)).column(UID).to_pylist() == [f"q{i:04d}" for i in range(5)]
+
+
+def test_reopen_refuses_changed_generation_settings(tmp_path, tiny_model):
+    inp = write_input(tmp_path / "in.parquet", make_prompts(5))
+    prepare_run(make_config(tmp_path, tiny_model, inp))
+    with pytest.raises(HpcRolloutError, match=r"sampling settings[\s\S]*sampling.temperature: 1.0 -> 0.5"):
+        prepare_run(make_config(tmp_path, tiny_model, inp, sampling={"temperature": 0.5}))
+    write_input(inp, make_prompts(6))
+    with pytest.raises(HpcRolloutError, match="input file"):
+        prepare_run(make_config(tmp_path, tiny_model, inp))
+    rundir = prepare_run(make_config(tmp_path, tiny_model, inp, sampling={"temperature": 0.5}), force=True)
+    assert rundir.load_config().sampling.temperature == 0.5
+    assert rundir.manifest()["forced"]
+    # resources may change freely
+    prepare_run(make_config(tmp_path, tiny_model, inp, sampling={"temperature": 0.5}, executor={"num_tasks": 3}), force=True)
+    assert RunDir(tmp_path / "run").manifest()["num_tasks"] == 3
+
+
+@pytest.mark.slow
+def test_hundred_thousand_rows_stream(tmp_path, tiny_model):
+    """10^5 rows in small row groups: sharding streams them (row order, balance, no whole-file read)."""
+    n = 100_000
+    prompts = pa.array([[{"role": "user", "content": "q" * (i % 50 + 1)}] for i in range(n)])
+    inp = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"prompt": prompts, "i": pa.array(range(n))}), inp, row_group_size=5000)
+    rundir = prepare_run(make_config(tmp_path, tiny_model, inp, sharding={"num_shards": 16, "max_prompts_per_shard": 10_000}))
+    shards = rundir.manifest()["shards"]
+    assert len(shards) == 16 and sum(s["prompts"] for s in shards) == n
+    last = pq.read_table(rundir.shard_input(15), columns=["i", ROW])
+    assert last.column("i").to_pylist() == last.column(ROW).to_pylist()
