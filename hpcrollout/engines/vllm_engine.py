@@ -376,11 +376,12 @@ class VllmEngine(Engine):
         inflight: dict[str, PromptRequest] = {}
         failed: list[PromptResult] = []
         exhausted = False
+        size = max(1, min(_TOKENIZE_BATCH, self.window))
         try:
             while True:
-                while not exhausted and len(inflight) + _TOKENIZE_BATCH <= self.window:
-                    batch = list(itertools.islice(source, _TOKENIZE_BATCH))
-                    exhausted = len(batch) < _TOKENIZE_BATCH
+                while not exhausted and len(inflight) + size <= self.window:
+                    batch = list(itertools.islice(source, size))
+                    exhausted = len(batch) < size
                     self._submit(batch, inflight, failed)
                 while failed:
                     yield failed.pop(0)

@@ -1,0 +1,165 @@
+"""VllmEngine on a real GPU: n samples with recorded seeds, reproducibility across a stop and resume, chat
+templates, rejected prompts as error rows, optional outputs, bounded backlog. Needs vLLM and a GPU."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.gpu.helpers import by_row, chat_request, text_request
+
+pytestmark = pytest.mark.gpu
+
+
+def reference_ids(engine, request) -> list[int]:
+    """The prompt's token ids computed straight from the tokenizer files, not through the engine."""
+    from transformers import AutoTokenizer
+
+    mc = engine.config.model
+    tok = AutoTokenizer.from_pretrained(mc.path)
+    if request.messages is None:
+        return tok(request.text)["input_ids"]
+    template = Path(mc.chat_template).read_text() if mc.chat_template else None
+    text = tok.apply_chat_template(
+        request.messages, chat_template=template, tokenize=False, add_generation_prompt=True, **mc.chat_template_kwargs
+    )
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_n_samples_per_prompt_with_recorded_seeds(engine_for):
+    engine = engine_for()
+    requests = [chat_request(i) for i in range(6)]
+    results = by_row(engine.generate(requests))
+    assert sorted(results) == list(range(6))
+    for req in requests:
+        res = results[req.row]
+        assert res.error is None and res.uid == req.uid
+        assert [s.seed for s in res.samples] == [req.seed + i for i in range(4)]  # vLLM's child seed rule
+        assert [s.num_tokens for s in res.samples] == [16] * 4
+        assert {s.finish_reason for s in res.samples} == {"length"}
+        assert res.prompt_tokens == len(reference_ids(engine, req))
+        assert len({s.text for s in res.samples}) > 1  # n different samples, not one repeated
+
+
+def test_same_seed_same_samples_whatever_the_batch_and_after_a_stop(engine_for):
+    engine = engine_for({"sampling": {"return_token_ids": True}})
+    requests = [chat_request(i) for i in range(10)]
+    full = by_row(engine.generate(requests))
+
+    # Stop after 3 results (what a killed worker leaves behind), then resume with the rest in another order.
+    stream = engine.generate(requests)
+    got = by_row(itertools.islice(stream, 3))
+    stream.close()
+    assert not engine.engine.has_unfinished_requests()  # closing aborted what was in flight
+    rest = [r for r in reversed(requests) if r.row not in got]
+    got.update(by_row(engine.generate(rest)))
+
+    assert sorted(got) == sorted(full)
+    for row, res in full.items():
+        assert [s.token_ids for s in got[row].samples] == [s.token_ids for s in res.samples], f"row {row}"
+        assert [s.seed for s in got[row].samples] == [s.seed for s in res.samples]
+    # A single prompt on its own draws the same samples too.
+    alone = next(iter(engine.generate([requests[4]])))
+    assert [s.token_ids for s in alone.samples] == [s.token_ids for s in full[4].samples]
+
+
+def test_chat_template_file_and_kwargs_and_raw_text(engine_for, tmp_path):
+    req = chat_request(1)
+    plain = engine_for({"sampling": {"max_tokens": 2}})
+    base = next(iter(plain.generate([req])))
+    assert base.prompt_tokens == len(reference_ids(plain, req))
+
+    no_think = engine_for(
+        {"sampling": {"max_tokens": 2}, "model": {"chat_template_kwargs": {"enable_thinking": False}}}
+    )
+    res = next(iter(no_think.generate([req])))
+    extra = len(no_think.renderer.tokenizer("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"])
+    assert res.prompt_tokens == base.prompt_tokens + extra == len(reference_ids(no_think, req))
+
+    template = tmp_path / "template.jinja"
+    template.write_text(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    custom = engine_for({"sampling": {"max_tokens": 2}, "model": {"chat_template": str(template)}})
+    res = next(iter(custom.generate([req])))
+    assert res.error is None
+    assert res.prompt_tokens == len(reference_ids(custom, req)) != base.prompt_tokens
+
+    raw = text_request(7, "Once upon a time there was a raw prompt")
+    res = next(iter(plain.generate([raw])))
+    assert res.error is None and res.prompt_tokens == len(reference_ids(plain, raw))
+
+
+def test_too_long_and_rejected_prompts_become_error_rows(engine_for):
+    engine = engine_for()
+    too_long = text_request(1, " ".join(f"word{i}" for i in range(2000)))  # far beyond max_model_len=512
+    empty = text_request(2, "")  # passes our checks; vLLM itself rejects an empty prompt
+    requests = [chat_request(0), too_long, empty, chat_request(3)]
+    results = by_row(engine.generate(requests))
+    assert sorted(results) == [0, 1, 2, 3]
+    assert results[0].error is None and len(results[0].samples) == 4
+    assert results[3].error is None and len(results[3].samples) == 4
+    assert "max_model_len=512" in results[1].error and not results[1].samples
+    assert "vLLM rejected the prompt" in results[2].error and not results[2].samples
+    # The engine goes on serving after the rejections.
+    assert next(iter(engine.generate([chat_request(5)]))).error is None
+
+
+def test_token_ids_logprobs_and_stop_reasons(engine_for):
+    stop_ids = list(range(100, 1000))  # most of the 1024-token vocabulary: samples stop within a few tokens
+    engine = engine_for(
+        {"sampling": {"ignore_eos": False, "logprobs": True, "return_token_ids": True, "stop_token_ids": stop_ids}}
+    )
+    results = list(engine.generate([chat_request(i) for i in range(4)]))
+    stopped = 0
+    for res in results:
+        for s in res.samples:
+            assert len(s.token_ids) == len(s.logprobs) == s.num_tokens
+            assert all(lp <= 0 for lp in s.logprobs)
+            assert math.isclose(s.cumulative_logprob, sum(s.logprobs), rel_tol=1e-3, abs_tol=1e-3)
+            if s.finish_reason == "stop" and s.stop_reason is not None:
+                stopped += 1
+                assert int(s.stop_reason) == s.token_ids[-1] and int(s.stop_reason) in stop_ids
+    assert stopped > 0
+
+    strings = engine_for({"sampling": {"stop": ["a", "e"], "max_tokens": 64}})
+    hits = 0
+    for res in strings.generate([chat_request(i) for i in range(4)]):
+        for s in res.samples:
+            assert "a" not in s.text and "e" not in s.text  # vLLM cuts the text before the stop string
+            if s.finish_reason == "stop":
+                hits += 1
+                assert s.stop_reason in ("a", "e")
+    assert hits > 0
+
+
+def test_backlog_is_bounded_by_the_window(engine_for):
+    engine = engine_for({"sampling": {"n": 1, "max_tokens": 4}})
+    engine.window = 32
+    pulled = 0
+
+    def source():
+        nonlocal pulled
+        for i in range(200):
+            pulled += 1
+            yield chat_request(i)
+
+    stream = engine.generate(source())
+    first = next(stream)
+    assert first.error is None
+    assert pulled <= 32  # no more than the window was taken from the shard before results came back
+    rest = list(stream)
+    assert len(rest) + 1 == 200 and pulled == 200
+
+
+def test_describe_reports_parallelism_and_start_time(shared_llm):
+    info = shared_llm.describe()
+    assert info["backend"] == "vllm" and info["vllm"].startswith("0.")
+    assert info["tensor_parallel_size"] == 1 and info["pipeline_parallel_size"] == 1
+    assert info["engine_start_s"] > 0
+    assert info["max_model_len"] == 512 and info["max_num_seqs"] == 64
+    assert info["tokenized_prompts"] >= 0
