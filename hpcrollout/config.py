@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -270,11 +271,16 @@ def load_config(
     return build_config(tree, source)
 
 
+PATH_KEYS = (("data", "input"), ("model", "path"), ("model", "tokenizer"), ("model", "chat_template"), (None, "run_dir"))
+
+
 def _resolve_paths(tree: dict[str, Any], here: Path) -> None:
-    """Relative paths in a config file are relative to that file, except those that exist from the cwd."""
-    for section, key in (("data", "input"), ("model", "chat_template"), (None, "run_dir")):
+    """$VARS and ~ expand in paths; a relative path that exists only beside the config file is taken from there."""
+    for section, key in PATH_KEYS:
         node = tree.get(section) if section else tree
         if isinstance(node, dict) and isinstance(node.get(key), str):
-            value = node[key]
+            value = node[key] = os.path.expanduser(os.path.expandvars(node[key]))
+            if key == "path" and section == "model" and not (here / value).exists():
+                continue  # hub names stay as they are
             if not Path(value).is_absolute() and not Path(value).exists() and (here / value).exists():
                 node[key] = str(here / value)
