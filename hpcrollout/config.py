@@ -104,6 +104,7 @@ class ShardingConfig(_Section):
     mode: Literal["static", "dynamic"] = Field(
         "static", description="static: task i runs its own shards; dynamic: tasks claim shards until none is left."
     )
+    lease_seconds: float = Field(120.0, ge=5, description="dynamic: a claim not renewed for this long is taken over.")
 
 
 class CheckpointConfig(_Section):

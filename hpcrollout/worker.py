@@ -326,6 +326,8 @@ def run_task(
     """What one array task does: create the engine once, then run its shards."""
     rundir = RunDir(run_dir)
     config = rundir.load_config()
+    if config.sharding.mode == "dynamic" and shards is None:
+        return run_dynamic(rundir, config, task_id, should_stop)
     todo = (
         [s for s in shards if not rundir.is_done(s)] if shards is not None else task_shards(rundir, task_id, num_tasks)
     )
@@ -341,6 +343,43 @@ def run_task(
             summary["results"].append(result)
             if result.get("state") == "stopped":
                 break
+    return summary
+
+
+def run_dynamic(
+    rundir: RunDir, config: RunConfig, task_id: int, should_stop: Callable[[], bool] | None = None
+) -> dict[str, Any]:
+    """Dynamic mode: claim shards (longest expected work first) until none is left, renewing the lease meanwhile.
+
+    The engine starts only once a shard is claimed, so a task that finds nothing to do frees its GPUs at once.
+    """
+    from hpcrollout.claims import ClaimBoard
+
+    board = ClaimBoard(rundir, lease_s=config.sharding.lease_seconds)
+    summary: dict[str, Any] = {"task": task_id, "shards": [], "results": [], "owner": board.owner}
+    engine: Engine | None = None
+    try:
+        while (claim := board.wait_for_claim()) is not None:
+            summary["shards"].append(claim.shard)
+            try:
+                if engine is None:
+                    engine = create_engine(config)
+                    log.info("task %d: engine ready: %s", task_id, engine.describe())
+                with board.keeper(claim):
+                    stop = lambda: claim.lost or bool(should_stop and should_stop())  # noqa: E731
+                    result = run_shard(rundir, claim.shard, engine, config, stop)
+            finally:
+                board.release(claim)
+            if claim.lost:
+                log.warning("task %d: lost the claim on shard %05d to another task; moving on", task_id, claim.shard)
+            summary["results"].append(result)
+            if result.get("state") == "stopped" and not claim.lost:
+                break
+    finally:
+        if engine is not None:
+            engine.close()
+    if not summary["shards"]:
+        log.info("task %d: no shard left to claim", task_id)
     return summary
 
 
