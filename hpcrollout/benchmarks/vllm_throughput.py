@@ -1,0 +1,305 @@
+"""Generation throughput of hpcrollout's worker vs raw vLLM vs a chunk-with-barrier script, side by side.
+
+One process, one GPU, one vLLM engine reused by every way, on the same prompts and per-prompt settings:
+  raw         ``LLM.chat`` on all prompts at once (no checkpoints): the ceiling
+  hpcrollout  the real worker (prepare_run + ShardRun) streaming results and committing part files
+              every ``--every_seconds`` (<= 60 s)
+  chunk       what a naive checkpointing script does: ``LLM.chat`` on ``--chunk_prompts`` prompts at a time,
+              writing each chunk's results before starting the next (a barrier per chunk)
+Workloads: ``headline`` (Qwen3-4B shape with dummy weights, every sample max_tokens long with ignore_eos) and
+``variable`` (per-prompt max_tokens drawn from a lognormal, a long tail). Engine start (and whether the
+compile cache was warm) is reported separately. Each device call has a time limit, so pick ways per call:
+
+    python -m hpcrollout.benchmarks.vllm_throughput --workload headline --ways raw,hpcrollout --out a.json
+    python -m hpcrollout.benchmarks.vllm_throughput --workload headline --ways raw,chunk --out b.json
+    python -m hpcrollout.benchmarks.vllm_throughput --workload variable --ways raw,hpcrollout,chunk
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hpcrollout.engines.base import prompt_seed
+
+log = logging.getLogger("hpcrollout")
+
+_TEXT = (
+    "the model reads a long question about rivers stars bread music chess clouds tides primes and answers it with "
+    "care while explaining each step of the reasoning in plain words for a curious reader who likes detail"
+)
+WORDS = _TEXT.split()
+
+
+def make_prompts(count: int, seed: int) -> list[list[dict[str, str]]]:
+    """Chat prompts of 30..300 words, deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for i in range(count):
+        words = " ".join(rng.choice(WORDS, size=int(rng.integers(30, 300))))
+        prompts.append([{"role": "user", "content": f"Question {i}: {words}?"}])
+    return prompts
+
+
+def output_lengths(args: argparse.Namespace) -> list[int]:
+    """max_tokens per prompt: all equal (headline) or lognormal with a long tail (variable)."""
+    if args.workload == "headline":
+        return [args.max_tokens] * args.prompts
+    rng = np.random.default_rng(args.seed + 1)
+    draws = np.exp(rng.normal(np.log(args.median_tokens), args.sigma, size=args.prompts))
+    return [int(x) for x in np.clip(np.round(draws), 16, args.max_tokens)]
+
+
+def build_config(args: argparse.Namespace, model_dir: Path, run_dir: Path, input_path: Path) -> Any:
+    from hpcrollout.config import build_config as build
+
+    engine: dict[str, Any] = {
+        "load_format": "dummy",
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "max_model_len": args.max_model_len,
+        "kv_cache_dtype": args.kv_cache_dtype,
+    }
+    if args.max_num_seqs:
+        engine["max_num_seqs"] = args.max_num_seqs
+    tree = {
+        "run_dir": str(run_dir),
+        "backend": "vllm",
+        "data": {"input": str(input_path), "id_column": "id"},
+        "model": {"path": str(model_dir)},
+        "engine": engine,
+        "sampling": {
+            "n": args.n,
+            "max_tokens": args.max_tokens,
+            "temperature": 1.0,
+            "ignore_eos": True,
+            "seed": args.seed,
+        },
+        "sharding": {"num_shards": 1},
+        "checkpoint": {"every_seconds": args.every_seconds, "every_prompts": 1_000_000},
+    }
+    return build(tree, "benchmark")
+
+
+def params_for(engine: Any, seeds: list[int], lengths: list[int]) -> list[Any]:
+    """One SamplingParams per prompt, exactly as the hpcrollout engine builds them."""
+    return [
+        engine._SamplingParams(**dict(engine.base_sampling, seed=s, max_tokens=m))
+        for s, m in zip(seeds, lengths, strict=True)
+    ]
+
+
+def count_tokens(outputs: list[Any]) -> int:
+    return sum(len(o.token_ids) for r in outputs for o in r.outputs)
+
+
+def way_raw(engine: Any, prompts: list, seeds: list[int], lengths: list[int]) -> dict[str, Any]:
+    params = params_for(engine, seeds, lengths)
+    started = time.perf_counter()
+    outputs = engine.llm.chat(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - started
+    return {"wall_s": wall, "output_tokens": count_tokens(outputs)}
+
+
+def way_chunk(
+    engine: Any, prompts: list, seeds: list[int], lengths: list[int], chunk: int, out_dir: Path
+) -> dict[str, Any]:
+    from hpcrollout.rundir import atomic_path
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = params_for(engine, seeds, lengths)
+    tokens, commits = 0, []
+    started = time.perf_counter()
+    for k, a in enumerate(range(0, len(prompts), chunk)):
+        outputs = engine.llm.chat(prompts[a : a + chunk], params[a : a + chunk], use_tqdm=False)
+        tokens += count_tokens(outputs)
+        table = pa.table(
+            {
+                "row": [a + i for i in range(len(outputs))],
+                "responses": [[o.text for o in r.outputs] for r in outputs],
+                "response_tokens": [[len(o.token_ids) for o in r.outputs] for r in outputs],
+            }
+        )
+        with atomic_path(out_dir / f"chunk-{k:05d}.parquet") as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+        commits.append(time.perf_counter() - started)
+    wall = time.perf_counter() - started
+    return {"wall_s": wall, "output_tokens": tokens, "chunk_prompts": chunk, **commit_stats(commits, wall)}
+
+
+def commit_stats(commits: list[float], wall: float) -> dict[str, Any]:
+    """Number of commits and the longest stretch without one (from the start, between commits)."""
+    edges = [0.0, *commits]
+    gaps = [b - a for a, b in zip(edges, edges[1:], strict=False)]
+    return {"commits": len(commits), "max_commit_gap_s": round(max(gaps), 1) if gaps else round(wall, 1)}
+
+
+def way_hpcrollout(engine: Any, args: argparse.Namespace, config: Any, lengths: list[int]) -> dict[str, Any]:
+    from hpcrollout.shard import prepare_run
+    from hpcrollout.worker import ShardRun
+
+    class TimedShardRun(ShardRun):
+        """The worker's ShardRun, noting when each part file is committed."""
+
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            self.commit_times: list[float] = []
+
+        def commit(self, force: bool = False) -> None:
+            before = self.seq
+            super().commit(force)
+            if self.seq != before:
+                self.commit_times.append(time.perf_counter() - self.t0)
+
+    rundir = prepare_run(config)
+    engine.per_request_sampling = lambda req: {"max_tokens": lengths[req.row]}
+    tokenize_before = engine.renderer.tokenize_s
+    shard_run = TimedShardRun(rundir, 0, config, engine)
+    shard_run.t0 = started = time.perf_counter()
+    summary = shard_run.run()
+    wall = time.perf_counter() - started
+    engine.per_request_sampling = None
+    return {
+        "wall_s": wall,
+        "output_tokens": int(summary["output_tokens"]),
+        "every_seconds": args.every_seconds,
+        "tokenize_s": round(engine.renderer.tokenize_s - tokenize_before, 3),
+        **commit_stats(shard_run.commit_times, wall),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from hpcrollout.engines.vllm_engine import VllmEngine
+    from hpcrollout.tinymodel import build_model_shape
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.model_dir) if args.model_dir else work / f"model-{args.shape}"
+    if not (model_dir / "config.json").is_file():
+        build_model_shape(model_dir, args.shape)
+    if args.cache_root:
+        os.environ["VLLM_CACHE_ROOT"] = str(Path(args.cache_root).resolve())
+    prompts = make_prompts(args.prompts, args.seed)
+    ids = [f"p{i:06d}" for i in range(args.prompts)]
+    seeds = [prompt_seed(args.seed, uid) for uid in ids]
+    lengths = output_lengths(args)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    input_path = work / f"prompts-{stamp}.parquet"
+    pq.write_table(pa.table({"id": ids, "prompt": prompts}), input_path)
+
+    config = build_config(args, model_dir, work / f"run-{stamp}", input_path)
+    engine = VllmEngine(config)
+    info = engine.describe()
+    log.info("engine: %s", info)
+    engine.llm.chat(prompts[:4], params_for(engine, seeds[:4], [16] * 4), use_tqdm=False)  # warm-up, untimed
+
+    results: dict[str, Any] = {}
+    for way in args.ways.split(","):
+        engine.llm.reset_prefix_cache()  # every way starts with the same (empty) prefix cache
+        if way == "raw":
+            res = way_raw(engine, prompts, seeds, lengths)
+        elif way == "hpcrollout":
+            res = way_hpcrollout(engine, args, config, lengths)
+        elif way == "chunk":
+            res = way_chunk(engine, prompts, seeds, lengths, args.chunk_prompts, work / f"chunks-{stamp}")
+        else:
+            raise SystemExit(f"--ways: unknown way {way!r} (raw, hpcrollout, chunk)")
+        res["tok_per_s"] = res["output_tokens"] / res["wall_s"]
+        results[way] = res
+        log.info("%s: %s", way, res)
+    engine.close()
+    return {
+        "workload": args.workload,
+        "prompts": args.prompts,
+        "n": args.n,
+        "max_tokens": args.max_tokens,
+        "expected_output_tokens": sum(lengths) * args.n,
+        "shape": args.shape,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "engine": info,
+        "ways": results,
+    }
+
+
+def report(summary: dict[str, Any]) -> str:
+    eng = summary["engine"]
+    lines = [
+        f"workload {summary['workload']}: {summary['prompts']} prompts x n={summary['n']}, max_tokens {summary['max_tokens']}"
+        f" (ignore_eos), {summary['expected_output_tokens']:,} output tokens, {summary['shape']} dummy weights,"
+        f" kv_cache_dtype {summary['kv_cache_dtype']}, on {eng.get('device', '?')} (vLLM {eng.get('vllm')})",
+        f"engine start: {eng['engine_start_s']:.1f} s (compile cache {'warm' if eng['compile_cache'].get('ready_before') else 'cold'}"
+        f", {eng['compile_cache'].get('root')})",
+        f"{'way':<12}{'wall s':>9}{'tokens':>12}{'tok/s':>10}{'vs raw':>9}  notes",
+    ]
+    ways = summary["ways"]
+    raw = ways.get("raw", {}).get("tok_per_s")
+    for name, res in ways.items():
+        ratio = f"{res['tok_per_s'] / raw:.3f}" if raw else "-"
+        notes = []
+        if "commits" in res:
+            notes.append(f"{res['commits']} commits, max gap {res['max_commit_gap_s']} s")
+        if "chunk_prompts" in res:
+            notes.append(f"chunks of {res['chunk_prompts']} prompts")
+        if "tokenize_s" in res:
+            notes.append(f"tokenize {res['tokenize_s']} s")
+        lines.append(
+            f"{name:<12}{res['wall_s']:>9.1f}{res['output_tokens']:>12,}{res['tok_per_s']:>10.0f}{ratio:>9}  {'; '.join(notes)}"
+        )
+    return "\n".join(lines)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", choices=["headline", "variable"], default="headline")
+    parser.add_argument("--ways", default="raw,hpcrollout,chunk", help="comma-separated: raw, hpcrollout, chunk")
+    parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument(
+        "--max_tokens", type=int, default=None, help="headline: every sample's length (2048); variable: the cap (4096)"
+    )
+    parser.add_argument("--median_tokens", type=float, default=384.0, help="variable: median of the lognormal")
+    parser.add_argument("--sigma", type=float, default=1.0, help="variable: sigma of the lognormal (tail weight)")
+    parser.add_argument("--chunk_prompts", type=int, default=25, help="chunk way: prompts per chunk (one barrier each)")
+    parser.add_argument("--every_seconds", type=float, default=30.0, help="hpcrollout way: checkpoint interval (<= 60)")
+    parser.add_argument(
+        "--shape", default="qwen3-4b", help="hpcrollout.tinymodel shape (config + tokenizer, dummy weights)"
+    )
+    parser.add_argument("--model_dir", default=None, help="use this model directory instead of building the shape")
+    parser.add_argument("--kv_cache_dtype", default="auto")
+    parser.add_argument("--gpu_memory_utilization", type=float, default=0.9)
+    parser.add_argument("--max_model_len", type=int, default=8192)
+    parser.add_argument("--max_num_seqs", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work_dir", default="/tmp/hpcrollout-vllm-bench")
+    parser.add_argument(
+        "--cache_root", default=None, help="VLLM_CACHE_ROOT for the compile cache (shared across calls)"
+    )
+    parser.add_argument("--out", default=None, help="write the figures as JSON here")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.max_tokens is None:
+        args.max_tokens = 2048 if args.workload == "headline" else 4096
+    summary = run(args)
+    text = report(summary)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(json.dumps({**summary, "report": text}, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcrollout.benchmarks.vllm_throughput", description=__doc__.split("\n\n")[0]
+    )
+    add_cli_args(parser)
+    raise SystemExit(main(parser.parse_args()))

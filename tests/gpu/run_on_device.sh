@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Everything one GPU-machine call does, after vLLM is installed in /tmp/site (../shared/gpu/README.md):
+# environment facts, then the steps named on the command line, each with a share of the time limit,
+# logs and figures under $OUT (at most 8 files come back, so few files are written there).
+#
+#   bash tests/gpu/run_on_device.sh tests variable          # pytest -m gpu, then the variable-length benchmark
+#   bash tests/gpu/run_on_device.sh headline-a              # headline workload: raw vs hpcrollout
+#   bash tests/gpu/run_on_device.sh headline-b              # headline workload: raw vs chunk-with-barrier
+#   DEADLINE=570 bash tests/gpu/run_on_device.sh ...        # seconds the whole call may take (default 570)
+#
+# Steps: tests | variable | headline-a | headline-b | headline-all | headline-fp8 | check
+set -uo pipefail
+OUT=${OUT:-/tmp/hpcr-out}
+DEADLINE=${DEADLINE:-570}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/../.."
+export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
+CACHE=/tmp/hpcr-vllm-cache   # the compile cache every benchmark call on this machine shares
+BENCH=(python3 -m hpcrollout.benchmarks.vllm_throughput --work_dir /tmp/hpcr-bench --cache_root "$CACHE")
+
+[ -d /tmp/site/vllm ] || { echo "vLLM is not in /tmp/site: run .gpu/part3/install-on-device.sh first" >&2; exit 3; }
+if ! python3 -c "import submitit" 2>/dev/null && ls .gpu/whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
+fi
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import sys, vllm, torch, transformers, pyarrow, pydantic; print('python', sys.version.split()[0], 'vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'pyarrow', pyarrow.__version__, 'pydantic', pydantic.VERSION)"
+  nproc
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+left() { echo $(( DEADLINE - SECONDS )); }
+rc=0
+
+run_tests() {
+  local t=$(( $(left) - ${RESERVE:-0} ))
+  local extra=()
+  python3 -c "import pytest_timeout" 2>/dev/null && extra=(--timeout 420)
+  echo "== pytest -m gpu (limit ${t}s)"
+  HPCR_GPU_RESULTS="$OUT" timeout --signal=INT "$t" python3 -m pytest -m gpu tests/gpu -v -ra "${extra[@]}" 2>&1 \
+    | tee "$OUT/pytest.log" | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|error" | tail -40
+  local prc=${PIPESTATUS[0]}
+  echo "pytest exit code: $prc" | tee -a "$OUT/pytest.log"
+  if [ "$prc" -ne 0 ] && [ "$(left)" -gt $(( ${RESERVE:-0} + 120 )) ]; then
+    # Tell a batch-invariance problem from a real failure: the failed tests again in vLLM's default mode.
+    echo "== failed tests again with VLLM_BATCH_INVARIANT=0"
+    VLLM_BATCH_INVARIANT=0 HPCR_GPU_RESULTS="$OUT" timeout --signal=INT $(( $(left) - ${RESERVE:-0} )) \
+      python3 -m pytest -m gpu tests/gpu --lf -ra "${extra[@]}" > "$OUT/pytest-lf.log" 2>&1
+    tail -5 "$OUT/pytest-lf.log"
+  fi
+  [ "$prc" -eq 0 ] || rc=1
+}
+
+run_bench() {  # NAME ARGS...
+  local name=$1; shift
+  local t; t=$(left)
+  echo "== benchmark $name (limit ${t}s): $*"
+  timeout --signal=INT "$t" "${BENCH[@]}" "$@" --out "$OUT/bench-$name.json" > "$OUT/bench-$name.log" 2>&1
+  local brc=$?
+  grep -vE "^\s*$" "$OUT/bench-$name.log" | grep -E "workload|engine start|^way|^raw|^hpcrollout|^chunk|Error|error" | tail -20
+  [ "$brc" -eq 0 ] || { echo "benchmark $name exit code $brc; log tail:"; tail -30 "$OUT/bench-$name.log"; rc=1; }
+}
+
+# Tests followed by a benchmark leave it enough time (an engine start plus three ways of the variable workload).
+case " $* " in *" tests "*" variable "*|*" tests "*" headline"*) RESERVE=${RESERVE:-270} ;; esac
+for step in "$@"; do
+  case "$step" in
+    check) python3 -c "from hpcrollout.engines.vllm_engine import VllmEngine; print('import ok')" ;;
+    tests) run_tests ;;
+    variable) run_bench variable --workload variable --ways raw,hpcrollout,chunk ;;
+    headline-a) run_bench headline-a --workload headline --ways raw,hpcrollout ;;
+    headline-b) run_bench headline-b --workload headline --ways raw,chunk ;;
+    headline-all) run_bench headline-all --workload headline --ways raw,hpcrollout,chunk ;;
+    headline-fp8) run_bench headline-fp8 --workload headline --ways raw,hpcrollout --kv_cache_dtype fp8 ;;
+    *) echo "unknown step $step" >&2; rc=2 ;;
+  esac
+done
+echo "done in ${SECONDS}s, exit $rc"
+exit $rc
