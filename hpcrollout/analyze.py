@@ -160,17 +160,21 @@ class Analysis:
     ) -> None:
         self.prompts += ngroups
         n = np.bincount(parent, minlength=ngroups)
-        keys, counts = np.unique(n, return_counts=True)
-        self.n_per_row.update(dict(zip(keys.tolist(), counts.tolist(), strict=True)))
+        for k, c in enumerate(np.bincount(n).tolist()):
+            if c:
+                self.n_per_row[k] += c
         if len(resp):
+            # Distinct responses per prompt: unique (prompt, text code) pairs, hashed (no sort).
             codes = _np(pc.dictionary_encode(resp.fill_null("")).indices).astype(np.int64)
-            pairs = np.unique(parent.astype(np.int64) * (int(codes.max()) + 1) + codes)
-            distinct = np.bincount(pairs // (int(codes.max()) + 1), minlength=ngroups)
+            width = int(codes.max()) + 1
+            pairs = pc.unique(pa.array(parent.astype(np.int64) * width + codes)).to_numpy()
+            distinct = np.bincount(pairs // width, minlength=ngroups)
             self.duplicates += int(n.sum() - distinct.sum())
             has = n > 0
-            combo, cnt = np.unique(np.stack([distinct[has], n[has]], axis=1), axis=0, return_counts=True)
-            for (d, k), c in zip(combo.tolist(), cnt.tolist(), strict=True):
-                self.diversity[(d, k)] += c
+            kmax = int(n.max()) + 1
+            combo = np.bincount(distinct[has] * kmax + n[has])
+            for code in np.flatnonzero(combo).tolist():
+                self.diversity[(code // kmax, code % kmax)] += int(combo[code])
         if errors is not None:
             failed = pc.is_valid(errors)
             nfail = int(pc.sum(failed).as_py() or 0)
@@ -362,13 +366,12 @@ def run_throughput(run_dir: str | Path) -> dict[str, Any]:
     starts = [t for m in done.values() if (t := _epoch(m.get("started"))) is not None]
     ends = [t for m in done.values() if (t := _epoch(m.get("finished"))) is not None]
     wall = max(ends) - min(starts) if starts and ends and max(ends) > min(starts) else None
-    per_shard = [
-        float(m["output_tokens"]) / float(m["elapsed_s"])
-        for m in done.values()
-        if isinstance(m.get("output_tokens"), (int, float))
-        and isinstance(m.get("elapsed_s"), (int, float))
-        and m["elapsed_s"] > 0
-    ]
+    # elapsed_s is the final attempt's: pair it with that attempt's tokens when the marker has them (resumed shards).
+    per_shard = []
+    for m in done.values():
+        tok = m.get("output_tokens_this_attempt", m.get("output_tokens"))
+        if isinstance(tok, (int, float)) and isinstance(m.get("elapsed_s"), (int, float)) and m["elapsed_s"] > 0:
+            per_shard.append(float(tok) / float(m["elapsed_s"]))
     running = {k: v for k, v in beats.items() if k not in done}
     return {
         "shards_total": total_shards,

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.schema import INTERNAL_COLUMNS, PART_ROW
 from hpcrollout.sources import (
+    DEFAULT_COMPRESSION,
     SAMPLE_COLUMNS,
     Source,
     add_input_args,
@@ -161,7 +162,11 @@ def _check_columns(source: Source, c: Criteria) -> None:
 
 
 def filter_file(
-    input_path: str | Path, output: str | Path, criteria: Criteria, batch_rows: int | None = None
+    input_path: str | Path,
+    output: str | Path,
+    criteria: Criteria,
+    batch_rows: int | None = None,
+    compression: str = DEFAULT_COMPRESSION,
 ) -> FilterReport:
     """Filter a merged/flattened file or run directory into a Parquet file of the same layout."""
     if criteria.unit not in UNITS:
@@ -184,7 +189,7 @@ def filter_file(
     schema = pa.schema([source.schema.field(n) for n in keep_cols])
     report = FilterReport(input=str(source.path), output=str(out), kind=source.kind)
     resp_col = "response" if source.is_flattened else "responses"
-    with parquet_output(out, schema) as writer:
+    with parquet_output(out, schema, compression) as writer:
         for batch in source.batches(keep_cols if len(keep_cols) != len(source.schema.names) else None):
             if source.is_flattened:
                 kept = filter_flat_batch(batch, criteria)
@@ -220,7 +225,7 @@ def format_report(r: FilterReport) -> str:
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    add_input_args(parser, output=True)
+    add_input_args(parser, output="parquet")
     parser.add_argument(
         "--min_length", "--min-length", type=int, default=None, help="Keep responses at least this long."
     )
@@ -257,7 +262,7 @@ def main(args: argparse.Namespace) -> int:
         drop_errors=args.drop_errors,
         drop_empty_rows=args.drop_empty_rows,
     )
-    r = filter_file(args.input, args.output, criteria, args.batch_rows)
+    r = filter_file(args.input, args.output, criteria, args.batch_rows, args.compression)
     print(json.dumps(asdict(r), indent=2) if args.json else format_report(r))
     return 0
 

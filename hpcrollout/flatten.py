@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.schema import INTERNAL_COLUMNS, PART_ROW, RESULT_COLUMNS
 from hpcrollout.sources import (
+    DEFAULT_COMPRESSION,
     SAMPLE_COLUMNS,
     Source,
     add_input_args,
@@ -107,7 +108,9 @@ class FlattenReport:
     output_rows: int = 0
 
 
-def flatten(input_path: str | Path, output: str | Path, batch_rows: int | None = None) -> FlattenReport:
+def flatten(
+    input_path: str | Path, output: str | Path, batch_rows: int | None = None, compression: str = DEFAULT_COMPRESSION
+) -> FlattenReport:
     """Flatten a merged file or run directory into a Parquet file with one row per response."""
     source = open_source(input_path, batch_rows)
     if source.is_flattened:
@@ -115,7 +118,7 @@ def flatten(input_path: str | Path, output: str | Path, batch_rows: int | None =
     out = check_output(source, output)
     schema = flattened_schema(source.schema)
     report = FlattenReport()
-    with parquet_output(out, schema) as writer:
+    with parquet_output(out, schema, compression) as writer:
         for batch in _merged_batches(source):
             flat = flatten_batch(batch, schema)
             writer.write_batch(flat)
@@ -137,11 +140,11 @@ def _merged_batches(source: Source):  # noqa: ANN202 - iterator of RecordBatch
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    add_input_args(parser, output=True)
+    add_input_args(parser, output="parquet")
 
 
 def main(args: argparse.Namespace) -> int:
-    r = flatten(args.input, args.output, args.batch_rows)
+    r = flatten(args.input, args.output, args.batch_rows, args.compression)
     print(
         f"flattened {r.rows:,} rows ({r.responses:,} responses, {r.error_rows:,} error rows) "
         f"into {r.output_rows:,} rows -> {args.output}"

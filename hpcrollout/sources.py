@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -43,6 +46,10 @@ PROMPT_RESULT_COLUMNS = ("uid", "prompt_tokens", "error")
 TARGET_BATCH_BYTES = 32 << 20
 MAX_BATCH_ROWS = 65_536
 MIN_BATCH_ROWS = 256
+READ_BUFFER_BYTES = 4 << 20
+# snappy, Arrow's default: writing a flattened 10^6-row file took 27% less CPU than zstd, for files ~50% larger.
+DEFAULT_COMPRESSION = "snappy"
+COMPRESSIONS = ("snappy", "zstd", "lz4", "gzip", "none")
 
 
 @dataclass
@@ -74,9 +81,16 @@ class Source:
                 + f"; its columns are: {', '.join(self.schema.names)}"
             )
 
-    def batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
-        """Stream the input in batches, projected to ``columns`` (those present, in that order) if given."""
-        cols = None if columns is None else [c for c in columns if self.has(c)]
+    def batches(self, columns: Sequence[str] | None = None, prefetch: int = 2) -> Iterator[pa.RecordBatch]:
+        """Stream the input in batches, projected to ``columns`` (those present, in that order) if given.
+
+        With ``prefetch`` > 0 a thread reads up to that many batches ahead, so decoding overlaps the caller's
+        work (Arrow releases the GIL); memory grows by at most that many batches.
+        """
+        it = self._read(None if columns is None else [c for c in columns if self.has(c)])
+        return _prefetched(it, prefetch) if prefetch > 0 else it
+
+    def _read(self, cols: list[str] | None) -> Iterator[pa.RecordBatch]:
         if self._file is not None:
             yield from self._file.iter_batches(batch_size=self.batch_rows, columns=cols, use_threads=True)
             return
@@ -84,6 +98,47 @@ class Source:
         _, it = _iter_run_dir(self.run_dir, self.batch_rows)
         for batch in it:
             yield batch if cols is None else batch.select(cols)
+
+
+_DONE = object()
+
+
+def _prefetched(it: Iterator[pa.RecordBatch], depth: int) -> Iterator[pa.RecordBatch]:
+    """Iterate ``it`` in a background thread, at most ``depth`` items ahead; errors re-raise here."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, name="hpcrollout-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it finish
+            with contextlib.suppress(queue.Empty):
+                q.get_nowait()
+            thread.join(timeout=0.05)
 
 
 def _iter_run_dir(run_dir: RunDir, batch_rows: int) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
@@ -133,7 +188,9 @@ def open_source(path: str | Path, batch_rows: int | None = None) -> Source:
     if not path.exists():
         raise HpcRolloutError(f"{path} does not exist; pass a merged or flattened Parquet file or a run directory")
     try:
-        pf = pq.ParquetFile(path)
+        # pre_buffer (the default) caches the raw column chunks of every row group read so far until the file is
+        # closed: reading a 10^6-row merged file peaked at 218 MiB of Arrow memory with it, 61 MiB without.
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
         raise HpcRolloutError(f"{path} is not a readable Parquet file ({exc})") from None
     schema = pf.schema_arrow
@@ -148,11 +205,13 @@ def open_source(path: str | Path, batch_rows: int | None = None) -> Source:
 
 
 @contextlib.contextmanager
-def parquet_output(dest: str | Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+def parquet_output(
+    dest: str | Path, schema: pa.Schema, compression: str = DEFAULT_COMPRESSION
+) -> Iterator[pq.ParquetWriter]:
     """A ParquetWriter on a temp file next to ``dest``, renamed over it only if the block succeeds."""
     dest = Path(dest)
     with atomic_path(dest) as tmp:
-        writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+        writer = pq.ParquetWriter(tmp, schema, compression=compression)
         try:
             yield writer
         finally:
@@ -169,11 +228,18 @@ def check_output(source: Source, output: str | Path) -> Path:
     return out
 
 
-def add_input_args(parser, output: bool) -> None:  # noqa: ANN001 - argparse parser or subparser
+def add_input_args(parser, output: bool | str) -> None:  # noqa: ANN001 - argparse parser or subparser
     """The input argument (and --output) shared by every post-processing command."""
     parser.add_argument("input", help="Merged or flattened Parquet file, or a run directory.")
     if output:
         parser.add_argument("--output", "-o", required=True, help="Output path (written atomically).")
+        if output == "parquet":
+            parser.add_argument(
+                "--compression",
+                choices=COMPRESSIONS,
+                default=DEFAULT_COMPRESSION,
+                help="Parquet compression of the output (default: %(default)s; zstd gives smaller files, slower).",
+            )
     parser.add_argument(
         "--batch_rows",
         "--batch-rows",

@@ -7,10 +7,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from hpcrollout import analyze as analyze_mod
 from hpcrollout.analyze import LengthHistogram, analyze, format_report, run_throughput
+from hpcrollout.export import export_jsonl
+from hpcrollout.filter import Criteria, filter_file
 from hpcrollout.flatten import flatten
 from tests.test_sources import write_merged
 
@@ -163,3 +166,39 @@ def test_throughput_from_markers(tmp_path: Path) -> None:
     }
     empty = run_throughput(tmp_path / "nothing")
     assert empty["shards_done"] == 0 and empty["wall_s"] is None and empty["per_shard_tokens_per_s"] is None
+
+
+def test_run_directory_end_to_end(tmp_path: Path, tiny_model: Path) -> None:
+    """A real run (tiny model, 3 shards): every command accepts the run directory as its merged output."""
+    from hpcrollout.merge import merge_run
+    from hpcrollout.shard import prepare_run
+    from hpcrollout.worker import run_task
+    from tests.conftest import make_config, make_prompts, write_input
+
+    inp = write_input(tmp_path / "in.parquet", make_prompts(10))
+    config = make_config(tmp_path, tiny_model, inp, sharding={"num_shards": 3})
+    rundir = prepare_run(config)
+    run_task(rundir.root, 0)
+    merged = tmp_path / "merged.parquet"
+    merge_run(rundir.root, merged)
+
+    from_dir = analyze(rundir.root, plot=tmp_path / "run.png", batch_rows=4)
+    from_file = analyze(merged)
+    for key in ("rows", "responses", "response_tokens", "response_chars", "finish_reasons", "diversity", "error_rows"):
+        assert from_dir[key] == from_file[key], key
+    assert from_dir["rows"] == 10 and from_dir["responses"] == 30
+    assert (from_dir["max_tokens"], from_dir["max_tokens_from"]) == (12, "run config")
+    t = from_dir["throughput"]
+    assert (t["shards_total"], t["shards_done"], t["prompts"], t["samples"]) == (3, 3, 10, 30)
+    tokens = pq.read_table(merged, columns=["response_tokens"]).column("response_tokens").to_pylist()
+    assert t["output_tokens"] == sum(sum(x) for x in tokens)
+    assert t["output_tokens_per_s"] > 0 and "throughput" in format_report(from_dir)
+
+    flatten(rundir.root, tmp_path / "flat.parquet")
+    assert pq.read_table(tmp_path / "flat.parquet").num_rows == 30
+    r = filter_file(rundir.root, tmp_path / "f.parquet", Criteria(max_length=12, unit="tokens"))
+    assert (r.rows_out, r.responses_out) == (10, 30)
+    e = export_jsonl(rundir.root, tmp_path / "sft.jsonl", fmt="messages")
+    assert e.records_out == 30
+    first = json.loads((tmp_path / "sft.jsonl").read_text().splitlines()[0])
+    assert [m["role"] for m in first["messages"]][-2:] == ["user", "assistant"]

@@ -107,3 +107,31 @@ def test_batch_rows_sized_from_the_file(tmp_path: Path) -> None:
     assert 256 <= src.batch_rows < 1000  # ~800 KB a row: far fewer rows per batch than the 65,536 cap
     assert open_source(write_merged(tmp_path / "m.parquet")).batch_rows > 10_000
     assert open_source(tmp_path / "m.parquet", batch_rows=3).batch_rows == 3
+
+
+def test_prefetch_keeps_order_raises_and_stops_early() -> None:
+    from hpcrollout.sources import _prefetched
+
+    assert list(_prefetched(iter(range(50)), 2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("bad row group")
+
+    it = _prefetched(failing(), 2)
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="bad row group"):
+        next(it)
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    it = _prefetched(endless(), 2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()  # the reader thread stops instead of running on
+    assert len(produced) <= 3 + 2 + 1

@@ -79,6 +79,9 @@ def merged_chunk(
     idx = np.where(dup, idx[first], idx)
     tok = pool_tokens[idx]
     sample = np.arange(total) - first
+    # A per-sample number makes each text unique (as real responses are), so Parquet cannot dictionary-encode
+    # the pool away; a duplicate repeats its prompt's first sample, number included.
+    serial = np.where(dup, first, np.arange(total)) + int(start) * n
     row_ids = np.arange(start, start + rows, dtype=np.int64)
     seeds = np.repeat(row_ids * 1000, lengths) + sample
 
@@ -98,7 +101,9 @@ def merged_chunk(
         "id": pa.array(row_ids),
         "prompt": prompt,
         "uid": uid,
-        "responses": lst(pool.take(pa.array(idx))),
+        "responses": lst(
+            pc.binary_join_element_wise(pool.take(pa.array(idx)), pc.cast(pa.array(serial), pa.string()), " #")
+        ),
         "response_tokens": lst(pa.array(tok, pa.int32())),
         "finish_reasons": lst(pa.array(finish, pa.string())),
         "stop_reasons": lst(pa.nulls(total, pa.string())),
