@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -24,83 +23,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hpcrollout.errors import HpcRolloutError
+from hpcrollout.histogram import LengthHistogram
 from hpcrollout.sources import Source, add_input_args, open_source, run_standalone
 
 log = logging.getLogger("hpcrollout")
 
-QUANTILES = (0.5, 0.9, 0.99)
 MAX_ERROR_KINDS = 1000  # distinct error messages counted exactly; the rest go to "(other)"
 ERROR_EXAMPLES = 5
-
-
-class LengthHistogram:
-    """Counts of non-negative integers: exact below EXACT_LIMIT, 1%-wide log buckets above; exact min/mean/max."""
-
-    EXACT_LIMIT = 1 << 20
-    LOG_BASE = 1.01
-
-    def __init__(self) -> None:
-        self.counts = np.zeros(0, dtype=np.int64)
-        self.big: Counter[int] = Counter()
-        self.count = 0
-        self.total = 0
-        self.min: int | None = None
-        self.max: int | None = None
-
-    def add(self, values: np.ndarray) -> None:
-        if values.size == 0:
-            return
-        values = values.astype(np.int64, copy=False)
-        self.count += int(values.size)
-        self.total += int(values.sum())
-        lo, hi = int(values.min()), int(values.max())
-        self.min = lo if self.min is None else min(self.min, lo)
-        self.max = hi if self.max is None else max(self.max, hi)
-        small = values[values < self.EXACT_LIMIT] if hi >= self.EXACT_LIMIT else values
-        bc = np.bincount(small)
-        if bc.size > self.counts.size:
-            self.counts = np.concatenate([self.counts, np.zeros(bc.size - self.counts.size, dtype=np.int64)])
-        self.counts[: bc.size] += bc
-        if hi >= self.EXACT_LIMIT:
-            buckets = np.floor(np.log(values[values >= self.EXACT_LIMIT]) / math.log(self.LOG_BASE)).astype(np.int64)
-            keys, n = np.unique(buckets, return_counts=True)
-            self.big.update(dict(zip(keys.tolist(), n.tolist(), strict=True)))
-
-    def quantile(self, q: float) -> float | None:
-        """Nearest rank: the smallest value v with at least q * count values <= v."""
-        if self.count == 0:
-            return None
-        rank = max(1, math.ceil(q * self.count - 1e-9))
-        cum = np.cumsum(self.counts)
-        if cum.size and cum[-1] >= rank:
-            return float(np.searchsorted(cum, rank))
-        seen = int(cum[-1]) if cum.size else 0
-        for b in sorted(self.big):
-            seen += self.big[b]
-            if seen >= rank:
-                return float(min(max(round(self.LOG_BASE**b), self.EXACT_LIMIT), self.max or 0))
-        return float(self.max or 0)
-
-    def summary(self) -> dict[str, float | int | None]:
-        out: dict[str, float | int | None] = {"count": self.count, "min": self.min}
-        out["mean"] = round(self.total / self.count, 3) if self.count else None
-        for q in QUANTILES:
-            out[f"p{round(q * 100)}"] = self.quantile(q)
-        out["max"] = self.max
-        return out
-
-    def bins(self, nbins: int = 80) -> tuple[np.ndarray, np.ndarray]:
-        """(edges, counts) over [min, max] for plotting."""
-        if self.count == 0:
-            return np.array([0.0, 1.0]), np.zeros(1)
-        hi = max(self.max or 0, 1)
-        width = max(1, math.ceil((hi + 1) / nbins))
-        edges = np.arange(0, hi + width + 1, width, dtype=np.float64)
-        heights = np.add.reduceat(self.counts, np.arange(0, self.counts.size, width)).astype(np.float64)
-        heights = np.pad(heights, (0, max(0, len(edges) - 1 - heights.size)))[: len(edges) - 1]
-        for b, n in self.big.items():
-            heights[min(len(heights) - 1, int(self.LOG_BASE**b // width))] += n
-        return edges, heights
 
 
 def _np(arr: pa.Array | pa.ChunkedArray, fill: Any = 0) -> np.ndarray:
@@ -295,13 +224,13 @@ class Analysis:
             "max_tokens": max_tokens,
             "max_tokens_from": max_tokens_from or None,
             "hit_max_tokens": self.finish.get("length", 0),
-            "hit_max_tokens_frac": _frac(self.finish.get("length", 0), r),
+            "hit_max_tokens_frac": fraction(self.finish.get("length", 0), r),
             "empty_responses": self.empty,
-            "empty_frac": _frac(self.empty, r),
+            "empty_frac": fraction(self.empty, r),
             "duplicate_responses": self.duplicates,
-            "duplicate_frac": _frac(self.duplicates, r),
+            "duplicate_frac": fraction(self.duplicates, r),
             "diversity": {
-                "mean_distinct_frac": _frac(distinct_total, n_total),
+                "mean_distinct_frac": fraction(distinct_total, n_total),
                 "all_distinct_prompts": sum(c for (d, k), c in self.diversity.items() if d == k),
                 "all_identical_prompts": sum(c for (d, k), c in self.diversity.items() if d == 1 and k > 1),
                 "distinct_of_n": {f"{d}/{k}": c for (d, k), c in sorted(self.diversity.items())},
@@ -312,7 +241,7 @@ class Analysis:
         return out
 
 
-def _frac(a: int, b: int) -> float | None:
+def fraction(a: int, b: int) -> float | None:
     return round(a / b, 6) if b else None
 
 
@@ -426,12 +355,14 @@ def analyze(
     if source.run_dir is not None:
         report["throughput"] = run_throughput(source.run_dir.root)
     if plot:
+        from hpcrollout.analyze_plot import plot_report  # matplotlib only when a plot is asked for
+
         plot_report(report, analysis, plot)
         report["plot"] = str(plot)
     return report
 
 
-def _pct(x: float | None) -> str:
+def fmt_pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
@@ -454,7 +385,7 @@ def format_report(r: dict[str, Any]) -> str:
     add(f"  responses           {r['responses']:,}" + (f"   (responses per prompt: {per})" if per else ""))
     add(
         f"  error rows          {r['error_rows']:,}"
-        + (f"   ({_pct(_frac(r['error_rows'], r['prompts']))} of prompts)" if r["prompts"] else "")
+        + (f"   ({fmt_pct(fraction(r['error_rows'], r['prompts']))} of prompts)" if r["prompts"] else "")
     )
     for msg, n in list(r["errors"].items())[:3]:
         add(f"      {n:>8,} x {msg[:100]}")
@@ -463,19 +394,19 @@ def format_report(r: dict[str, Any]) -> str:
     add(f"  response tokens     {_dist(r['response_tokens'])}")
     add(f"  response chars      {_dist(r['response_chars'])}")
     add(f"  prompt tokens       {_dist(r['prompt_tokens'])}")
-    fin = "  ".join(f"{k} {v:,} ({_pct(_frac(v, r['responses']))})" for k, v in r["finish_reasons"].items())
+    fin = "  ".join(f"{k} {v:,} ({fmt_pct(fraction(v, r['responses']))})" for k, v in r["finish_reasons"].items())
     add(f"  finish reasons      {fin or '(none)'}")
     cap = f"max_tokens {r['max_tokens']:,} ({r['max_tokens_from']})" if r["max_tokens"] else "max_tokens unknown"
-    add(f"  hit max_tokens      {r['hit_max_tokens']:,} ({_pct(r['hit_max_tokens_frac'])}; finish 'length'; {cap})")
-    add(f"  empty responses     {r['empty_responses']:,} ({_pct(r['empty_frac'])}; empty or whitespace only)")
+    add(f"  hit max_tokens      {r['hit_max_tokens']:,} ({fmt_pct(r['hit_max_tokens_frac'])}; finish 'length'; {cap})")
+    add(f"  empty responses     {r['empty_responses']:,} ({fmt_pct(r['empty_frac'])}; empty or whitespace only)")
     add(
-        f"  duplicate responses {r['duplicate_responses']:,} ({_pct(r['duplicate_frac'])}; same text as an earlier "
+        f"  duplicate responses {r['duplicate_responses']:,} ({fmt_pct(r['duplicate_frac'])}; same text as an earlier "
         "response of the same prompt)"
     )
     dv = r["diversity"]
     if dv:
         add(
-            f"  diversity           mean distinct/n {_pct(dv['mean_distinct_frac'])}   all distinct "
+            f"  diversity           mean distinct/n {fmt_pct(dv['mean_distinct_frac'])}   all distinct "
             f"{dv['all_distinct_prompts']:,} prompts   all identical {dv['all_identical_prompts']:,} prompts"
         )
         add("      distinct/n: " + "  ".join(f"{k} x {v:,}" for k, v in dv["distinct_of_n"].items()))
@@ -499,77 +430,6 @@ def format_report(r: dict[str, Any]) -> str:
     if r.get("plot"):
         add(f"  plot                {r['plot']}")
     return "\n".join(lines)
-
-
-def plot_report(r: dict[str, Any], analysis: Analysis, path: str | Path) -> None:
-    """A 2x2 PNG: token and char histograms (max_tokens marked), finish reasons, per-prompt diversity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
-    (ax_tok, ax_chr), (ax_fin, ax_div) = axes
-    for ax, hist, what in ((ax_tok, analysis.tokens, "response tokens"), (ax_chr, analysis.chars, "response chars")):
-        edges, heights = hist.bins()
-        ax.stairs(heights, edges, fill=True, color="#4878a8")
-        s = hist.summary()
-        ax.set_title(
-            f"{what}: p50 {s['p50'] or 0:,.0f}  p90 {s['p90'] or 0:,.0f}  p99 {s['p99'] or 0:,.0f}  "
-            f"max {s['max'] or 0:,}"
-        )
-        ax.set_xlabel(what)
-        ax.set_ylabel("responses")
-        for q, style in (("p50", ":"), ("p90", "--")):
-            if s[q] is not None:
-                ax.axvline(s[q], color="gray", linestyle=style, linewidth=1, label=f"{q} {s[q]:,.0f}")
-        if what == "response tokens" and r["max_tokens"]:
-            ax.axvline(
-                r["max_tokens"],
-                color="crimson",
-                linewidth=2,
-                label=f"max_tokens {r['max_tokens']:,}: {_pct(r['hit_max_tokens_frac'])} hit it",
-            )
-        if hist.count:
-            ax.legend(loc="best", fontsize=8, framealpha=0.8)
-    names = list(r["finish_reasons"]) or ["(none)"]
-    counts = [r["finish_reasons"].get(n, 0) for n in names]
-    colors = ["crimson" if n == "length" else "#6a9955" if n == "stop" else "#c08a30" for n in names]
-    bars = ax_fin.bar(names, counts, color=colors)
-    for b, c in zip(bars, counts, strict=True):
-        ax_fin.annotate(
-            f"{c:,}\n{_pct(_frac(c, r['responses']))}",
-            (b.get_x() + b.get_width() / 2, b.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    ax_fin.set_title("finish reasons (length = hit max_tokens)")
-    ax_fin.set_ylabel("responses")
-    ax_fin.margins(y=0.2)
-    dv = r["diversity"]
-    if dv and dv["distinct_of_n"]:
-        labels = list(dv["distinct_of_n"])
-        # Numeric positions: matplotlib would read labels like "1/4" as dates.
-        ax_div.bar(range(len(labels)), list(dv["distinct_of_n"].values()), color="#8064a2", tick_label=labels)
-        ax_div.set_title(f"distinct responses per prompt (mean distinct/n {_pct(dv['mean_distinct_frac'])})")
-        ax_div.set_xlabel("distinct / n")
-        ax_div.set_ylabel("prompts")
-        if len(labels) > 12:
-            ax_div.tick_params(axis="x", labelrotation=90, labelsize=7)
-    else:
-        ax_div.set_axis_off()
-        ax_div.text(0.5, 0.5, "no per-prompt diversity (no uid column or no responses)", ha="center")
-    fig.suptitle(
-        f"{Path(r['input']).name}: {r['rows']:,} rows, {r['responses']:,} responses, {r['error_rows']:,} error rows "
-        f"({_pct(_frac(r['error_rows'], r['prompts'] or r['rows']))}), empty {_pct(r['empty_frac'])}, "
-        f"duplicates {_pct(r['duplicate_frac'])}, hit max_tokens {_pct(r['hit_max_tokens_frac'])}",
-        fontsize=11,
-    )
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:

@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from hpcrollout import analyze as analyze_mod
-from hpcrollout.analyze import LengthHistogram, analyze, format_report, run_throughput
+from hpcrollout.analyze import analyze, format_report, run_throughput
 from hpcrollout.export import export_jsonl
 from hpcrollout.filter import Criteria, filter_file
 from hpcrollout.flatten import flatten
+from hpcrollout.histogram import LengthHistogram
 from tests.test_sources import write_merged
 
 # merged_rows(): a = ["Hello", "Hello", "Bonjour 🙂", ""], b = ["日本語の答え", "x" * 10, "  "], c = error, d = "same" x 4
