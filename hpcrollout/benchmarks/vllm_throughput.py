@@ -204,6 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     for way in args.ways.split(","):
+        key = way if way not in results else f"{way}#{sum(k.split('#')[0] == way for k in results) + 1}"
         engine.llm.reset_prefix_cache()  # every way starts with the same (empty) prefix cache
         if way == "raw":
             res = way_raw(engine, prompts, seeds, lengths)
@@ -214,8 +215,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             raise SystemExit(f"--ways: unknown way {way!r} (raw, hpcrollout, chunk)")
         res["tok_per_s"] = res["output_tokens"] / res["wall_s"]
-        results[way] = res
-        log.info("%s: %s", way, res)
+        results[key] = res
+        log.info("%s: %s", key, res)
     engine.close()
     return {
         "workload": args.workload,
@@ -241,7 +242,8 @@ def report(summary: dict[str, Any]) -> str:
         f"{'way':<12}{'wall s':>9}{'tokens':>12}{'tok/s':>10}{'vs raw':>9}  notes",
     ]
     ways = summary["ways"]
-    raw = ways.get("raw", {}).get("tok_per_s")
+    raws = [res["tok_per_s"] for name, res in ways.items() if name.split("#")[0] == "raw"]
+    raw = sum(raws) / len(raws) if raws else None  # repeated ways (--ways raw,hpcrollout,raw,...) compare to the mean
     for name, res in ways.items():
         ratio = f"{res['tok_per_s'] / raw:.3f}" if raw else "-"
         notes = []
@@ -254,6 +256,13 @@ def report(summary: dict[str, Any]) -> str:
         lines.append(
             f"{name:<12}{res['wall_s']:>9.1f}{res['output_tokens']:>12,}{res['tok_per_s']:>10.0f}{ratio:>9}  {'; '.join(notes)}"
         )
+    if raw:
+        for way in ("hpcrollout", "chunk"):
+            runs = [res["tok_per_s"] for name, res in ways.items() if name.split("#")[0] == way]
+            if runs:
+                lines.append(
+                    f"{way} / raw (means of {len(runs)} and {len(raws)} runs): {sum(runs) / len(runs) / raw:.3f}"
+                )
     return "\n".join(lines)
 
 

@@ -64,12 +64,13 @@ run_bench() {  # NAME ARGS...
 }
 
 # Tests followed by a benchmark leave it enough time (an engine start plus three ways of the variable workload).
-case " $* " in *" tests "*" variable "*|*" tests "*" headline"*) RESERVE=${RESERVE:-270} ;; esac
+case " $* " in *" tests "*" variable"*|*" tests "*" headline"*) RESERVE=${RESERVE:-300} ;; esac
 for step in "$@"; do
   case "$step" in
     check) python3 -c "from hpcrollout.engines.vllm_engine import VllmEngine; print('import ok')" ;;
     tests) run_tests ;;
     variable) run_bench variable --workload variable --ways raw,hpcrollout,chunk ;;
+    variable-x2) run_bench variable-x2 --workload variable --ways hpcrollout,raw,hpcrollout,raw,chunk ;;
     headline-a) run_bench headline-a --workload headline --ways raw,hpcrollout ;;
     headline-b) run_bench headline-b --workload headline --ways raw,chunk ;;
     headline-all) run_bench headline-all --workload headline --ways raw,hpcrollout,chunk ;;

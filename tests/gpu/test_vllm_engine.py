@@ -86,8 +86,10 @@ def test_chat_template_file_and_kwargs_and_raw_text(engine_for, tmp_path):
     )
     custom = engine_for({"sampling": {"max_tokens": 2}, "model": {"chat_template": str(template)}})
     res = next(iter(custom.generate([req])))
-    assert res.error is None
-    assert res.prompt_tokens == len(reference_ids(custom, req)) != base.prompt_tokens
+    assert res.error is None and res.prompt_tokens == len(reference_ids(custom, req))
+    (ids,) = custom.renderer.encode([req])
+    assert ids == reference_ids(custom, req)
+    assert custom.renderer.tokenizer.decode(ids).startswith("[user] Tell me about")
 
     raw = text_request(7, "Once upon a time there was a raw prompt")
     res = next(iter(plain.generate([raw])))

@@ -37,9 +37,7 @@ def test_worker_killed_and_resumed_reproduces_the_uninterrupted_run(shared_llm, 
     from hpcrollout.shard import prepare_run
     from hpcrollout.worker import run_shard
 
-    rows = make_prompts(N_PROMPTS)
-    rows[5]["prompt"] = "A raw text prompt, used as is. " * 3  # raw strings ride along with chat prompts
-    inp = write_input(tmp_path / "in.parquet", rows)
+    inp = write_input(tmp_path / "in.parquet", make_prompts(N_PROMPTS))
 
     ref_dir = tmp_path / "reference"
     ref_config = _config(make_config, ref_dir, inp)
