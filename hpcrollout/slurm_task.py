@@ -79,13 +79,18 @@ class SlurmTask(submitit.helpers.Checkpointable):
         from hpcrollout import worker
 
         _setup_logging()
+        self._requeued = False  # a requeued attempt is unpickled with the flag its predecessor set
         rundir = RunDir(self.run_dir)
         record = self._start(rundir, task_id)
         previous = signal.getsignal(signal.SIGTERM)
 
+        self._terminated = False
+
         def on_sigterm(signum: int, frame: Any) -> None:
-            # scancel, node shutdown or preemption: keep what has finished; SLURM kills us after KillWait.
-            log.warning("task %d: SIGTERM, committing finished results", task_id)
+            # scancel, node shutdown or preemption: keep what has finished and start nothing new; SLURM kills
+            # us after KillWait, or (submitit's preemption) a checkpoint signal follows and requeues the task.
+            log.warning("task %d: SIGTERM, committing finished results and stopping", task_id)
+            self._terminated = True
             self._flush()
             if not self._requeued:  # our own retry requeue also sends SIGTERM: keep its "retrying" record
                 self._update(rundir, task_id, state="terminated")
@@ -94,7 +99,9 @@ class SlurmTask(submitit.helpers.Checkpointable):
 
         signal.signal(signal.SIGTERM, on_sigterm)
         try:
-            result = worker.run_task(self.run_dir, task_id)
+            result = worker.run_task(self.run_dir, task_id, should_stop=lambda: self._terminated)
+            if self._terminated:
+                self._wait_for_end(task_id)
         except HpcRolloutError as exc:
             # A user error (bad model path, bad shard) fails the same way every time: no retry.
             self._update(
@@ -124,6 +131,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
     def checkpoint(self, task_id: int) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on the pre-timeout/preemption signal: commit finished work, then requeue as is."""
         log.warning("task %d: checkpoint signal, committing finished results before requeue", task_id)
+        self._requeued = True  # the SIGTERM that follows the requeue must not overwrite the record
         self._flush()
         rundir = RunDir(self.run_dir)
         record = read_task_record(rundir, task_id)
@@ -131,6 +139,17 @@ class SlurmTask(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, task_id)
 
     # -- helpers -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _wait_for_end(task_id: int, limit_s: float = 300.0) -> None:
+        """Stopped by SIGTERM: wait for SLURM's kill, or for the checkpoint signal whose handler requeues and exits."""
+        log.warning("task %d stopped after SIGTERM; waiting for the job to end", task_id)
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+        raise RuntimeError(
+            f"task {task_id} was sent SIGTERM and stopped, but its job did not end within {limit_s:.0f}s"
+        )
+
     @staticmethod
     def _flush() -> None:
         try:

@@ -61,24 +61,25 @@ def submitit_folder(rundir: RunDir) -> Path:
     return rundir.logs_dir.resolve() / "slurm" / "%j"
 
 
+def _submission_jobs(sub: dict[str, Any]) -> list[tuple[int, str]]:
+    """(task, SLURM job id) pairs of one submission: ARRAY_INDEX, or a plain id when one task was submitted."""
+    if sub.get("executor") != "slurm" or not sub.get("job_id"):
+        return []
+    ids = sub.get("job_ids") or [f"{sub['job_id']}_{i}" for i in range(len(sub["tasks"]))]
+    return [(int(task), str(job)) for task, job in zip(sub["tasks"], ids, strict=True)]
+
+
 def latest_jobs(rundir: RunDir) -> dict[int, str]:
     """Each task's SLURM job id (ARRAY_INDEX) in its latest submission."""
     out: dict[int, str] = {}
     for sub in read_jobs(rundir)["submissions"]:
-        if sub.get("executor") == "slurm" and sub.get("job_id"):
-            for index, task in enumerate(sub["tasks"]):
-                out[int(task)] = f"{sub['job_id']}_{index}"
+        out.update(_submission_jobs(sub))
     return out
 
 
 def task_of_job(rundir: RunDir) -> dict[str, int]:
     """Every SLURM job id this run ever submitted -> its task."""
-    out: dict[str, int] = {}
-    for sub in read_jobs(rundir)["submissions"]:
-        if sub.get("executor") == "slurm" and sub.get("job_id"):
-            for index, task in enumerate(sub["tasks"]):
-                out[f"{sub['job_id']}_{index}"] = int(task)
-    return out
+    return {job: task for sub in read_jobs(rundir)["submissions"] for task, job in _submission_jobs(sub)}
 
 
 # ---------------------------------------------------------------------------------------------- scheduler
@@ -131,7 +132,7 @@ def sacct_states(array_ids: list[str]) -> dict[str, dict[str, Any]] | None:
     states: dict[str, dict[str, Any]] = {}
     for line in out.splitlines():
         f = line.split("|")
-        if len(f) < 6 or "_" not in f[0] or "[" in f[0]:
+        if len(f) < 6 or "[" in f[0] or "." in f[0]:
             continue
         prev = states.get(f[0], {"requeues": 0})
         state = f[1].split()[0] if f[1] else "UNKNOWN"
@@ -357,11 +358,11 @@ def _shard_state(hb: dict[str, Any], t: dict[str, Any] | None, now: float, hb_ev
     sched, rec = t["slurm_state"], t["record_state"]
     if t["job_id"]:
         job_array, _, job_index = t["job_id"].partition("_")
-        this_attempt = (
-            hb_running
-            and str(hb.get("slurm_array_job_id")) == job_array
-            and str(hb.get("slurm_array_task_id")) == job_index
-        )
+        if job_index:
+            hb_job = f"{hb.get('slurm_array_job_id')}_{hb.get('slurm_array_task_id')}"
+        else:
+            hb_job = str(hb.get("slurm_job_id"))
+        this_attempt = hb_running and hb_job == t["job_id"]
         if sched in ("RUNNING", "COMPLETING", "CONFIGURING"):
             return "running" if this_attempt else "pending"
         if sched in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED"):

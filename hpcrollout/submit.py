@@ -181,6 +181,7 @@ def submit_run(
                 "executor": "slurm",
                 "command": command,
                 "job_id": array_id,
+                "job_ids": [job.job_id for job in jobs],  # ARRAY_INDEX, or a plain id for a single task
                 "tasks": wanted,
                 "time": time.time(),
                 "num_tasks": rundir.manifest()["num_tasks"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -92,3 +93,35 @@ def sacct_history(job_id: str) -> list[tuple[str, str]]:
         ["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "JobID,State"], capture_output=True, text=True
     ).stdout
     return [tuple(line.split("|")[:2]) for line in out.splitlines() if "|" in line]  # type: ignore[misc]
+
+
+def freeze_when(pid_of, condition, what: str) -> int:  # noqa: ANN001
+    """SIGSTOP a task's process as soon as condition() holds, so a signal sent next meets it mid-shard.
+
+    Tests run on the cluster's only node, as root, so they can reach the task's process directly; without the
+    freeze a tiny model finishes its shard before scancel's signal arrives.
+    """
+    wait_until(lambda: pid_of() is not None and condition(), what=what, interval=0.01)
+    pid = int(pid_of())
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+def wait_signal_pending(pid: int, sig: int, timeout: float = 60) -> None:
+    """Wait until sig is pending for a stopped process (delivered by slurmstepd, not yet handled)."""
+
+    def pending() -> bool:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return True  # gone: nothing left to wait for
+        masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
+        return any(m & (1 << (sig - 1)) for m in masks)
+
+    wait_until(pending, timeout=timeout, what=f"signal {sig} to reach pid {pid}", interval=0.02)
+
+
+def sample_keys(merged) -> list[tuple[str, int]]:  # noqa: ANN001 - a pyarrow Table in the merged schema
+    """Every (uid, sample index) in a merged table, duplicates kept: the exactly-once check counts these."""
+    uids, seeds = merged["uid"].to_pylist(), merged["sample_seeds"].to_pylist()
+    return [(uid, i) for uid, s in zip(uids, seeds, strict=True) for i in range(len(s))]
