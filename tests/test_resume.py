@@ -109,3 +109,44 @@ def test_resume_skips_committed_work(tiny_model, tmp_path, reference):
     summary = run_task(rundir.root, 0)
     (result,) = summary["results"]
     assert result["prompts_this_attempt"] == N_PROMPTS - 6
+
+
+def test_demo_pipeline_killed_task_resumes_to_identical_output(tmp_path):
+    """configs/demo.yaml as a 2-task local array; task 1 is SIGKILLed mid-shard; resume; equal to a clean run."""
+    import yaml
+
+    from hpcrollout.config import build_config
+    from hpcrollout.demo import DEMO_CONFIG, demo_prompts
+    from hpcrollout.local import run_local
+    from hpcrollout.tinymodel import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model")
+    inp = tmp_path / "input.parquet"
+    pq.write_table(demo_prompts(12), inp)
+
+    def config(name: str):
+        tree = yaml.safe_load(DEMO_CONFIG.read_text())
+        tree.update(run_dir=str(tmp_path / name))
+        tree["data"]["input"], tree["model"]["path"] = str(inp), str(model)
+        tree["sampling"]["max_tokens"] = 16
+        tree["checkpoint"]["every_prompts"] = 1
+        return build_config(tree)
+
+    clean = prepare_run(config("clean"))
+    assert run_local(clean.root, [0, 1], parallelism=2) == {0: 0, 1: 0}
+    merge_run(clean.root, tmp_path / "clean.parquet")
+
+    rundir = prepare_run(config("killed"))
+    victim = _worker(rundir.root, {})  # task 0 (shards 0 and 2)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(rundir.parts_dir(0).glob("part-*.parquet")):
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert rundir.pending_shards()
+    assert run_local(rundir.root, [0, 1], parallelism=2) == {0: 0, 1: 0}
+    merge_run(rundir.root, tmp_path / "resumed.parquet")
+    resumed = pq.read_table(tmp_path / "resumed.parquet")
+    assert resumed.equals(pq.read_table(tmp_path / "clean.parquet"))
+    keys = [(u, s) for u, seeds in zip(resumed["uid"].to_pylist(), resumed["sample_seeds"].to_pylist()) for s in seeds]
+    assert len(keys) == len(set(keys)) == 12 * 4
