@@ -331,10 +331,14 @@ def run_throughput(run_dir: str | Path) -> dict[str, Any]:
 
 
 def analyze(
-    input_path: str | Path, plot: str | Path | None = None, batch_rows: int | None = None, max_tokens: int | None = None
+    input_path: str | Path,
+    plot: str | Path | None = None,
+    batch_rows: int | None = None,
+    max_tokens: int | None = None,
+    partial: bool = False,
 ) -> dict[str, Any]:
     """Stream the input once and return the report dict; write the PNG if ``plot`` is given."""
-    source = open_source(input_path, batch_rows)
+    source = open_source(input_path, batch_rows, partial)
     analysis = Analysis(source)
     how = "given" if max_tokens is not None else ""
     if source.run_dir is not None and max_tokens is None:
@@ -435,6 +439,11 @@ def format_report(r: dict[str, Any]) -> str:
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     add_input_args(parser, output=False)
     parser.add_argument("--plot", default=None, help="Write a PNG of length histograms, finish reasons, diversity.")
+    parser.add_argument(
+        "--partial",
+        action="store_true",
+        help="Run directory still running: analyze the shards finished so far (throughput counts them too).",
+    )
     parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
     parser.add_argument(
         "--max_tokens",
@@ -448,7 +457,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.plot and not str(args.plot).lower().endswith(".png"):
         raise HpcRolloutError(f"--plot {args.plot}: give a .png path")
-    report = analyze(args.input, plot=args.plot, batch_rows=args.batch_rows, max_tokens=args.max_tokens)
+    report = analyze(args.input, args.plot, args.batch_rows, args.max_tokens, args.partial)
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
     return 0
 

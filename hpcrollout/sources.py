@@ -63,6 +63,7 @@ class Source:
     run_dir: RunDir | None = None
     num_rows: int | None = None  # known up front for Parquet files
     batch_rows: int = MAX_BATCH_ROWS
+    partial: bool = False  # run directory: only the finished shards
     _file: pq.ParquetFile | None = None
 
     @property
@@ -96,7 +97,7 @@ class Source:
             yield from self._file.iter_batches(batch_size=self.batch_rows, columns=cols, use_threads=True)
             return
         assert self.run_dir is not None
-        _, it = _iter_run_dir(self.run_dir, self.batch_rows)
+        _, it = _iter_run_dir(self.run_dir, self.batch_rows, self.partial)
         for batch in it:
             yield batch if cols is None else batch.select(cols)
 
@@ -142,11 +143,11 @@ def _prefetched(it: Iterator[pa.RecordBatch], depth: int) -> Iterator[pa.RecordB
             thread.join(timeout=0.05)
 
 
-def _iter_run_dir(run_dir: RunDir, batch_rows: int) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+def _iter_run_dir(run_dir: RunDir, batch_rows: int, partial: bool) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     # Imported lazily: merge pulls in the run machinery, which the file-only commands never need.
     from hpcrollout.merge import iter_merged_batches
 
-    return iter_merged_batches(run_dir.root, batch_rows=batch_rows)
+    return iter_merged_batches(run_dir.root, batch_rows=batch_rows, partial=partial)
 
 
 def _kind_of(path: Path, schema: pa.Schema) -> str:
@@ -170,8 +171,11 @@ def _auto_batch_rows(meta: pq.FileMetaData) -> int:
     return int(min(MAX_BATCH_ROWS, max(MIN_BATCH_ROWS, TARGET_BATCH_BYTES // per_row)))
 
 
-def open_source(path: str | Path, batch_rows: int | None = None) -> Source:
-    """Open a merged or flattened Parquet file, or a run directory (read as its merged output)."""
+def open_source(path: str | Path, batch_rows: int | None = None, partial: bool = False) -> Source:
+    """Open a merged or flattened Parquet file, or a run directory (read as its merged output).
+
+    ``partial``: a run directory may be unfinished; read the shards finished so far.
+    """
     path = Path(path)
     if path.is_dir():
         rd = RunDir(path)
@@ -181,11 +185,13 @@ def open_source(path: str | Path, batch_rows: int | None = None) -> Source:
                 "pass a merged or flattened Parquet file, or a run directory made by hpcrollout submit"
             )
         rows = batch_rows or 16_384
-        schema, it = _iter_run_dir(rd, rows)
+        schema, it = _iter_run_dir(rd, rows, partial)
         close = getattr(it, "close", None)
         if close is not None:  # only the schema was wanted here; batches() starts a fresh iteration
             close()
-        return Source(path=path, kind=_kind_of(path, schema), schema=schema, run_dir=rd, batch_rows=rows)
+        return Source(
+            path=path, kind=_kind_of(path, schema), schema=schema, run_dir=rd, batch_rows=rows, partial=partial
+        )
     if not path.exists():
         raise HpcRolloutError(f"{path} does not exist; pass a merged or flattened Parquet file or a run directory")
     try:

@@ -12,6 +12,7 @@ import pytest
 
 from hpcrollout import analyze as analyze_mod
 from hpcrollout.analyze import analyze, format_report, run_throughput
+from hpcrollout.errors import HpcRolloutError
 from hpcrollout.export import export_jsonl
 from hpcrollout.filter import Criteria, filter_file
 from hpcrollout.flatten import flatten
@@ -199,6 +200,13 @@ def test_run_directory_end_to_end(tmp_path: Path, tiny_model: Path) -> None:
     assert pq.read_table(tmp_path / "flat.parquet").num_rows == 30
     r = filter_file(rundir.root, tmp_path / "f.parquet", Criteria(max_length=12, unit="tokens"))
     assert (r.rows_out, r.responses_out) == (10, 30)
+    # An unfinished run: refused by default (the merge names the missing shard), analyzed so far with partial.
+    rundir.done_marker(2).unlink()
+    with pytest.raises(HpcRolloutError):
+        analyze(rundir.root)
+    part = analyze(rundir.root, partial=True)
+    assert 0 < part["rows"] < 10 and part["throughput"]["shards_done"] == 2
+    rundir.done_marker(2).write_text(json.dumps({"shard": 2}))
     e = export_jsonl(rundir.root, tmp_path / "sft.jsonl", fmt="messages")
     assert e.records_out == 30
     first = json.loads((tmp_path / "sft.jsonl").read_text().splitlines()[0])
