@@ -366,6 +366,10 @@ def analyze(
     return report
 
 
+# The name hpcrollout.demo imports.
+analyze_path = analyze
+
+
 def fmt_pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
