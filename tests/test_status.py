@@ -1,0 +1,84 @@
+"""status from the run directory alone (no scheduler involved): pending, running, failed with log tail, done."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from hpcrollout.rundir import RunDir, write_json_atomic
+from hpcrollout.shard import prepare_run
+from hpcrollout.status import format_status, run_status
+from hpcrollout.worker import run_task
+from tests.conftest import make_config, make_prompts, write_input
+
+
+def _prepared(tmp_path, model, shards: int = 3):
+    inp = write_input(tmp_path / "in.parquet", make_prompts(9))
+    config = make_config(
+        tmp_path, model, inp, sharding={"num_shards": shards}, executor={"type": "local", "num_tasks": shards}
+    )
+    return prepare_run(config)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_status_of_a_prepared_run_is_all_pending(tiny_model, tmp_path):
+    rundir = _prepared(tmp_path, tiny_model)
+    st = run_status(rundir.root)
+    assert st["counts"] == {"pending": 3} and not st["complete"] and st["failed"] == []
+    assert st["prompts"] == {"done": 0, "total": 9} and st["samples"] == {"done": 0, "total": 27}
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpcrollout.status", str(rundir.root), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["counts"] == {"pending": 3}
+
+
+def test_status_running_failed_and_done_from_the_run_directory(tiny_model, tmp_path):
+    rundir = _prepared(tmp_path, tiny_model)
+    run_task(rundir.root, 0)  # shard 0 done
+    now = time.time()
+    # shard 1: a live worker (this process) halfway through; shard 2: a worker that died, with its log
+    common = {"state": "running", "prompts_total": 3, "started": now - 10, "output_tokens_this_attempt": 40}
+    rundir.write_heartbeat(1, prompts_done=2, prompts_done_this_attempt=2, tokens_per_s=4.0, eta_s=5.0, **common)
+    write_json_atomic(
+        rundir.heartbeat(2),
+        {
+            "shard": 2,
+            "prompts_done": 1,
+            "prompts_done_this_attempt": 1,
+            "tokens_per_s": 1.0,
+            "host": os.uname().nodename,
+            "pid": _dead_pid(),
+            "time": now,
+            **common,
+        },
+    )
+    write_json_atomic(
+        rundir.root / "jobs.json", {"submissions": [{"executor": "local", "tasks": [0, 1, 2], "time": now}]}
+    )
+    rundir.logs_dir.mkdir(parents=True, exist_ok=True)
+    (rundir.logs_dir / "local-task-2.log").write_text(
+        "starting\nTraceback (most recent call last):\nMemoryError: out of memory\n"
+    )
+
+    st = run_status(rundir.root)
+    states = {e["shard"]: e["state"] for e in st["shards"]}
+    assert states == {0: "done", 1: "running", 2: "failed"}
+    assert st["prompts"] == {"done": 3 + 2 + 1, "total": 9}
+    assert st["tokens_per_s"] == 4.0 and st["eta_s"] is not None and st["slowest"] == [1]
+    (failed,) = st["failed"]
+    assert failed["task"] == 2 and "MemoryError: out of memory" in failed["log_tail"]
+    text = format_status(st)
+    assert "FAILED task 2" in text and "MemoryError: out of memory" in text
+    assert f"hpcrollout resume {RunDir(rundir.root).root}" in text
