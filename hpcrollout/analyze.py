@@ -5,6 +5,7 @@ token counts and character lengths are kept as counts histograms (one counter pe
 lengths of 1,048,576 and more, which fall into 1%-wide logarithmic buckets (a percentile landing there is
 within 1%). Percentiles use the nearest-rank rule (numpy's ``method="inverted_cdf"``). Duplicates and
 diversity are per prompt: a duplicate is a response identical to an earlier response of the same prompt.
+In a flattened file a prompt is a run of consecutive rows with the same uid, as flatten writes them.
 """
 
 from __future__ import annotations
