@@ -56,6 +56,8 @@ Usage in a worker::
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import os
@@ -89,6 +91,26 @@ def order_by_expected_work(manifest: dict[str, Any]) -> list[int]:
     return sorted(range(len(shards)), key=lambda i: (-work(i), i))
 
 
+def tapered_unit_sizes(num_tasks: int, first: float = 0.25, last: float = 1 / 64) -> list[float]:
+    """Unit sizes as fractions of the total estimated work, largest first, for dynamic mode.
+
+    Equal units leave the run's tail at up to one unit per task (more on a slow node). Like guided
+    self-scheduling, each unit is 1/num_tasks * first of the work still unassigned, clamped to [last, first]
+    of one task's share (total / num_tasks): the run starts on units a quarter of a task's share and ends on
+    units of 1/64, about 15 units per task in all. Claimed longest-first, tasks end the run on small units.
+    """
+    share = 1.0 / max(1, num_tasks)
+    sizes: list[float] = []
+    left = 1.0
+    while left > 1e-12:
+        size = min(left, max(last * share, min(first * share, left * first * share)))
+        sizes.append(size)
+        left -= size
+    if len(sizes) > 1 and sizes[-1] < last * share / 2:  # fold a sliver into its neighbour
+        sizes[-2] += sizes.pop()
+    return sizes
+
+
 def default_owner() -> str:
     """A readable owner name: host, pid and SLURM array ids when present."""
     parts = [socket.gethostname(), str(os.getpid())]
@@ -115,16 +137,21 @@ class Claim:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
-def _write_tmp(directory: Path, name: str, data: dict[str, Any]) -> Path:
-    tmp = directory / f".{name}.{uuid.uuid4().hex}.tmp"
+_HOST = socket.gethostname()
+_tmp_counter = itertools.count()
+
+
+def _write_tmp(path: str, data: dict[str, Any]) -> str:
+    head, tail = os.path.split(path)
+    tmp = os.path.join(head, f".{tail}.{_HOST}.{os.getpid()}.{next(_tmp_counter)}.tmp")
     with open(tmp, "w") as f:
-        f.write(json.dumps(data, sort_keys=True))
+        f.write(json.dumps(data))
     return tmp
 
 
-def create_exclusive(path: Path, data: dict[str, Any]) -> bool:
+def create_exclusive(path: str | Path, data: dict[str, Any]) -> bool:
     """Create path with this JSON content if it does not exist; True if we created it (atomic, NFS-safe)."""
-    tmp = _write_tmp(path.parent, path.name, data)
+    tmp = _write_tmp(os.fspath(path), data)
     try:
         os.link(tmp, path)
         return True
@@ -134,16 +161,17 @@ def create_exclusive(path: Path, data: dict[str, Any]) -> bool:
         # NFS may report an error for a retransmitted link that did succeed: the temp file's link count tells
         return os.stat(tmp).st_nlink == 2
     finally:
-        tmp.unlink()
+        os.unlink(tmp)
 
 
-def _replace(path: Path, data: dict[str, Any]) -> None:
-    os.replace(_write_tmp(path.parent, path.name, data), path)
+def _replace(path: str, data: dict[str, Any]) -> None:
+    os.replace(_write_tmp(path, data), path)
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+def _read(path: str) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        with open(path) as f:
+            return json.loads(f.read())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
@@ -171,23 +199,28 @@ class ClaimBoard:
         self.lease_s = lease_s
         self.margin_s = lease_s / 8 if margin_s is None else margin_s
         self.renew_every = lease_s / 4
-        self.scan_every = lease_s / 2
+        self.scan_every = lease_s / 4
         self.clock = clock
         self.token = uuid.uuid4().hex
         self.retry_at: float | None = None  # set by claim_next when a suspect lease may soon become claimable
         self.dir = run_dir.claims_dir
         (self.dir / "scan").mkdir(parents=True, exist_ok=True)
+        self._base = f"{self.dir}{os.sep}"
         self._ident = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid()}
         self._ident.update({v.lower(): os.environ[v] for v in SLURM_VARS if v in os.environ})
         self._top: dict[int, int] = {}  # highest generation seen per shard (never decreases)
         self._done: set[int] = set()
         self._next = 0  # index into order: every unit before it has been claimed at least once (or is done)
-        self._hint_epoch = -1
-        self._hints: list[int] = []
+        self._slot = -1
+        self._hints: list[int] = []  # expired units from the latest published scan
+        self._suspects: list[tuple[int, float]] = []  # (unit, expiry) of holders that missed renewals
 
-    # files
+    # files (string paths: the simulation makes millions of these)
+    def _p(self, shard: int, generation: int) -> str:
+        return f"{self._base}{shard:05d}.g{generation}"
+
     def path(self, shard: int, generation: int) -> Path:
-        return self.dir / f"{shard_name(shard)}.g{generation}"
+        return Path(self._p(shard, generation))
 
     def _content(self, claim: Claim, **extra: Any) -> dict[str, Any]:
         data = dict(self._ident, token=claim.token, shard=claim.shard, generation=claim.generation)
@@ -198,12 +231,12 @@ class ClaimBoard:
     def _top_of(self, shard: int) -> tuple[int, dict[str, Any] | None]:
         """Highest existing generation of a shard's claim and its content; (-1, None) if never claimed."""
         gen = self._top.get(shard, 0)
-        if gen == 0 and not self.path(shard, 0).exists():
+        if gen == 0 and not os.path.exists(self._p(shard, 0)):
             return -1, None
-        while self.path(shard, gen + 1).exists():
+        while os.path.exists(self._p(shard, gen + 1)):
             gen += 1
         self._top[shard] = gen
-        return gen, _read(self.path(shard, gen))
+        return gen, _read(self._p(shard, gen))
 
     def _claimable(self, data: dict[str, Any] | None, now: float) -> bool:
         if data is None:
@@ -228,19 +261,24 @@ class ClaimBoard:
         is_done = is_done or self.run_dir.is_done
         self.retry_at = None
         now = self.clock()
-        for shard in self._reclaim_hints(is_done, now):
-            self._hints.remove(shard)
+        self._refresh(is_done, now)
+        while self._hints:
+            shard = self._hints.pop(0)
             if not self._is_done(shard, is_done) and (claim := self._take(shard, is_done)):
                 return claim
         if claim := self._claim_fresh(is_done):
             return claim
-        # end game: look at every unit ourselves (the published scan may be up to scan_every old)
-        claimable, suspects = self._scan(is_done, self.clock(), stop_at_fresh=False)
-        for shard in claimable:
-            if claim := self._take(shard, is_done):
+        # end game: only units held by others are left; take those whose holders stopped renewing
+        waits = []
+        for shard, expiry in list(self._suspects):
+            if expiry > now:
+                waits.append(expiry)
+                continue
+            self._suspects.remove((shard, expiry))
+            if not self._is_done(shard, is_done) and (claim := self._take(shard, is_done)):
                 return claim
-        if suspects:
-            self.retry_at = min(suspects)
+        if waits:
+            self.retry_at = min(waits)
         return None
 
     def wait_for_claim(
@@ -260,7 +298,7 @@ class ClaimBoard:
             shard = order[self._next]
             if self._is_done(shard, is_done):
                 self._next += 1
-            elif self.path(shard, 0).exists():
+            elif os.path.exists(self._p(shard, 0)):
                 self._next = self._gallop(self._next)
             else:
                 claim = self._create(shard, 0)
@@ -274,7 +312,7 @@ class ClaimBoard:
         order, n = self.order, len(self.order)
 
         def claimed(j: int) -> bool:
-            return self.path(order[j], 0).exists()
+            return os.path.exists(self._p(order[j], 0))
 
         lo, step = i, 1
         while lo + step < n and claimed(lo + step):
@@ -288,7 +326,7 @@ class ClaimBoard:
     def _create(self, shard: int, generation: int) -> Claim | None:
         now = self.clock()
         claim = Claim(shard, generation, self.token, acquired=now, lease_until=now + self.lease_s)
-        if not create_exclusive(self.path(shard, generation), self._content(claim)):
+        if not create_exclusive(self._p(shard, generation), self._content(claim)):
             self._top[shard] = max(self._top.get(shard, 0), generation)
             return None
         self._top[shard] = generation
@@ -307,11 +345,11 @@ class ClaimBoard:
             return None
         # the old owner may have renewed between our read and our create: then it keeps the unit until it
         # notices g{N+1} at its next renewal, and our g{N+1} stays unclaimable until its renewed lease ends
-        again = _read(self.path(shard, gen))
+        again = _read(self._p(shard, gen))
         if not self._claimable(again, self.clock()):
             until = float(again["lease_until"]) if again else claim.lease_until
             claim.lease_until = until
-            _replace(self.path(shard, gen + 1), self._content(claim, abandoned=True))
+            _replace(self._p(shard, gen + 1), self._content(claim, abandoned=True))
             return None
         log.info("reclaimed shard %s from %s (generation %d)", shard_name(shard), (data or {}).get("owner"), gen + 1)
         if self._is_done(shard, is_done):
@@ -320,42 +358,43 @@ class ClaimBoard:
         return claim
 
     # scanning for expired claims
-    def _scan(self, is_done: Callable[[int], bool], now: float, stop_at_fresh: bool) -> tuple[list[int], list[float]]:
-        """Claimable (expired/released) units in order, and expiry times of live leases that missed renewals."""
+    def _scan(self, is_done: Callable[[int], bool], now: float) -> tuple[list[int], list[tuple[int, float]]]:
+        """Claimable (expired/released) units in order, and (unit, expiry) of live leases that missed renewals."""
         claimable: list[int] = []
-        suspects: list[float] = []
+        suspects: list[tuple[int, float]] = []
         for shard in self.order:
             if self._is_done(shard, is_done):
                 continue
             gen, data = self._top_of(shard)
             if gen < 0:
-                if stop_at_fresh:
-                    break  # units are claimed as a prefix of the order: nothing beyond is expired yet
-                continue
+                break  # units are claimed as a prefix of the order: nothing beyond is expired yet
             if self._claimable(data, now):
                 claimable.append(shard)
             elif data is not None and data.get("token") != self.token:
                 until = float(data["lease_until"])
                 if until - now < self.lease_s / 2:  # a healthy holder keeps >= 3/4 lease_s ahead
-                    suspects.append(until + self.margin_s)
+                    suspects.append((shard, until + self.margin_s))
         return claimable, suspects
 
-    def _reclaim_hints(self, is_done: Callable[[int], bool], now: float) -> list[int]:
-        """Expired units published by this epoch's scanner (one task per epoch scans; the others read)."""
-        epoch = int(now // self.scan_every)
-        if epoch != self._hint_epoch:
-            self._hint_epoch = epoch
-            scan = self.dir / "scan"
-            if create_exclusive(scan / f"{epoch}.lock", {"owner": self.owner, "time": now}):
-                self._hints, _ = self._scan(is_done, now, stop_at_fresh=True)
-                _replace(scan / f"{epoch}.json", {"expired": self._hints, "owner": self.owner, "time": now})
-                for old in (epoch - 3, epoch - 4):
-                    for suffix in (".lock", ".json"):
-                        (scan / f"{old}{suffix}").unlink(missing_ok=True)
-            else:
-                published = _read(scan / f"{epoch}.json") or _read(scan / f"{epoch - 1}.json") or {}
-                self._hints = [int(s) for s in published.get("expired", [])]
-        return list(self._hints)
+    def _refresh(self, is_done: Callable[[int], bool], now: float) -> None:
+        """Once per slot (lease_s / 4): one task scans all claims and publishes the result; the others read it."""
+        slot = int(now // self.scan_every)
+        if slot == self._slot:
+            return
+        self._slot = slot
+        if create_exclusive(f"{self._base}scan{os.sep}{slot}.lock", {"owner": self.owner, "time": now}):
+            self._hints, self._suspects = self._scan(is_done, now)
+            published = {"time": now, "owner": self.owner, "expired": self._hints, "suspects": self._suspects}
+            _replace(f"{self._base}scan.json", published)
+            for name in os.listdir(f"{self._base}scan"):
+                stem = name.split(".")[0]
+                if stem.isdigit() and int(stem) < slot - 2:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{self._base}scan{os.sep}{name}")
+        else:
+            published = _read(f"{self._base}scan.json") or {}
+            self._hints = [int(x) for x in published.get("expired", [])]
+            self._suspects = [(int(x), float(t)) for x, t in published.get("suspects", [])]
 
     # holding
     def renew(self, claim: Claim) -> bool:
@@ -367,7 +406,7 @@ class ClaimBoard:
             if now >= claim.lease_until:
                 # our lease ran out (paused process, overloaded node): never extend it; take the next
                 # generation instead, which succeeds only if nobody reclaimed the unit meanwhile
-                successor = self.path(claim.shard, claim.generation + 1)
+                successor = self._p(claim.shard, claim.generation + 1)
                 nxt = Claim(claim.shard, claim.generation + 1, self.token, claim.acquired, now + self.lease_s)
                 if create_exclusive(successor, self._content(nxt)):
                     log.warning("lease of shard %s lapsed; re-acquired it", shard_name(claim.shard))
@@ -377,8 +416,8 @@ class ClaimBoard:
                     return True
                 return self._lose(claim, end=claim.lease_until)
             claim.lease_until = now + self.lease_s
-            _replace(self.path(claim.shard, claim.generation), self._content(claim))
-            if self.path(claim.shard, claim.generation + 1).exists():
+            _replace(self._p(claim.shard, claim.generation), self._content(claim))
+            if os.path.exists(self._p(claim.shard, claim.generation + 1)):
                 return self._lose(claim, end=now)
             claim.intervals[-1][2] = now
             return True
@@ -393,7 +432,7 @@ class ClaimBoard:
         """True while the lease is valid by our clock and nobody took the unit (cheap: one stat)."""
         if claim.lost or claim.released or self.clock() >= claim.lease_until:
             return False
-        return not self.path(claim.shard, claim.generation + 1).exists()
+        return not os.path.exists(self._p(claim.shard, claim.generation + 1))
 
     def release(self, claim: Claim) -> None:
         """Give the unit up (done or not): claimable at once by others if not done."""
@@ -404,11 +443,11 @@ class ClaimBoard:
             now = self.clock()
             if claim.lost:
                 return
-            if now < claim.lease_until and not self.path(claim.shard, claim.generation + 1).exists():
+            if now < claim.lease_until and not os.path.exists(self._p(claim.shard, claim.generation + 1)):
                 claim.intervals[-1][2] = now
             else:
                 claim.intervals[-1][2] = claim.lease_until
-            _replace(self.path(claim.shard, claim.generation), self._content(claim, released=True))
+            _replace(self._p(claim.shard, claim.generation), self._content(claim, released=True))
 
     def keeper(self, claim: Claim, on_lost: Callable[[Claim], None] | None = None) -> LeaseKeeper:
         """A context manager renewing the claim from a background thread."""
