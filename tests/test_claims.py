@@ -12,7 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from hpcrollout.claims import ClaimBoard, create_exclusive, order_by_expected_work
+from hpcrollout.claims import ClaimBoard, create_exclusive, order_by_expected_work, tapered_unit_sizes
 from hpcrollout.rundir import RunDir, shard_name
 
 
@@ -228,3 +228,22 @@ def test_fresh_claims_follow_the_order_and_resume_skips_done(tmp_path: Path) -> 
         claim = board.claim_next(lambda s: s in done)
         got.append(None if claim is None else claim.shard)
     assert got == [1, 3, 0, 4, None]
+
+
+def test_tapered_unit_sizes_shrink_toward_the_end() -> None:
+    for tasks in (1, 8, 512):
+        sizes = tapered_unit_sizes(tasks)
+        assert abs(sum(sizes) - 1) < 1e-9
+        assert all(a >= b - 1e-15 for a, b in zip(sizes, sizes[1:], strict=False))
+        share = 1 / tasks
+        assert sizes[0] <= 0.25 * share + 1e-12 and sizes[-1] < 0.05 * share
+        assert 10 * tasks <= len(sizes) <= 20 * tasks
+
+
+def test_simulation_finishes_every_unit_once(tmp_path: Path) -> None:
+    from hpcrollout.benchmarks.simulate_balancing import make_workload, simulate_dynamic
+
+    workload = make_workload(8, seed=1)
+    stats = simulate_dynamic(workload, tmp_path / "run")
+    assert stats["complete"] == 1.0 and stats["duplicates"] == 0
+    assert stats["reclaims"] >= 1  # the killed task's unit
