@@ -111,8 +111,6 @@ def tapered_unit_sizes(num_tasks: int, first: float = 0.25, last: float = 1 / 64
         size = min(left, max(last * share, min(first * share, left * first * share)))
         sizes.append(size)
         left -= size
-    if len(sizes) > 1 and sizes[-1] < last * share / 2:  # fold a sliver into its neighbour
-        sizes[-2] += sizes.pop()
     return sizes
 
 
