@@ -211,18 +211,57 @@ def open_source(path: str | Path, batch_rows: int | None = None, partial: bool =
     )
 
 
+class BackgroundWriter:
+    """Writes batches in a thread (Arrow releases the GIL), so encoding overlaps reading and computing.
+
+    At most ``depth`` batches wait in the queue; the first write error re-raises in the caller.
+    """
+
+    def __init__(self, writer: pq.ParquetWriter, depth: int = 2) -> None:
+        self._writer = writer
+        self._queue: queue.Queue[pa.RecordBatch | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="hpcrollout-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._writer.write_batch(batch)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                    self._error = exc
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(batch)
+
+    def finish(self) -> None:
+        """Wait until every queued batch is written; re-raise a write error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 @contextlib.contextmanager
 def parquet_output(
     dest: str | Path, schema: pa.Schema, compression: str = DEFAULT_COMPRESSION
-) -> Iterator[pq.ParquetWriter]:
-    """A ParquetWriter on a temp file next to ``dest``, renamed over it only if the block succeeds."""
+) -> Iterator[BackgroundWriter]:
+    """A writer on a temp file next to ``dest``, renamed over it only if the block (and every write) succeeds."""
     dest = Path(dest)
     with atomic_path(dest) as tmp:
         writer = pq.ParquetWriter(tmp, schema, compression=compression)
+        background = BackgroundWriter(writer)
         try:
-            yield writer
+            yield background
         finally:
-            writer.close()
+            try:
+                background.finish()
+            finally:
+                writer.close()
 
 
 def check_output(source: Source, output: str | Path) -> Path:

@@ -135,3 +135,14 @@ def test_prefetch_keeps_order_raises_and_stops_early() -> None:
     assert [next(it) for _ in range(3)] == [0, 1, 2]
     it.close()  # the reader thread stops instead of running on
     assert len(produced) <= 3 + 2 + 1
+
+
+def test_background_write_error_reaches_the_caller(tmp_path: Path) -> None:
+    dest = tmp_path / "out.parquet"
+    schema = pa.schema([("x", pa.int64())])
+    wrong = pa.record_batch([pa.array(["not an int"])], names=["y"])
+    with pytest.raises(ValueError, match="schema does not match"), parquet_output(dest, schema) as w:
+        w.write_batch(wrong)
+        for _ in range(5):  # raises here once the writer thread has failed, or at the end of the block
+            w.write_batch(pa.record_batch([pa.array([1])], schema=schema))
+    assert list(tmp_path.iterdir()) == []
