@@ -217,7 +217,13 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     arrays = sorted({j.split("_")[0] for j in jobs.values()})
     queued = squeue_states(arrays)
     acct = sacct_states(arrays)
-    submitted = {int(t) for s in read_jobs(rundir)["submissions"] for t in s.get("tasks", [])}
+    submissions = read_jobs(rundir)["submissions"]
+    submitted = {int(t) for s in submissions for t in s.get("tasks", [])}
+    local_exit: dict[int, int] = {}  # the latest local submission's exit code per task, once it has ended
+    for sub in submissions:
+        if sub.get("executor") == "local":
+            local_exit.update({int(t): int(c) for t, c in (sub.get("exit_codes") or {}).items()})
+    job_task = task_of_job(rundir) if dynamic else {}
     host = socket.gethostname()
 
     tasks: dict[int, dict[str, Any]] = {}
@@ -241,6 +247,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
             "host": record.get("host"),
             "log": task_log(rundir, task, job_id, record),
             "submitted": task in submitted or job_id is not None,
+            "local_exit_code": local_exit.get(task),
         }
 
     done = rundir.done_shards()
@@ -255,7 +262,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
                 hb = read_json(rundir.heartbeat(i))
             except HpcRolloutError:
                 hb = {}
-        task = i % num_tasks if not dynamic else _int(hb.get("slurm_array_task_id"))
+        task = i % num_tasks if not dynamic else _dynamic_task(hb, job_task)
         t = tasks.get(task) if task is not None else None
         entry: dict[str, Any] = {"shard": i, "task": task, "prompts_total": total, "job_id": t["job_id"] if t else None}
         if i in done:
@@ -349,6 +356,15 @@ def _int(value: Any) -> int | None:
         return None
 
 
+def _dynamic_task(hb: dict[str, Any], job_task: dict[str, int]) -> int | None:
+    """In dynamic mode a shard belongs to whichever task claimed it: the one its heartbeat names."""
+    if hb.get("slurm_array_job_id") is not None:
+        return job_task.get(f"{hb['slurm_array_job_id']}_{hb.get('slurm_array_task_id')}")
+    if hb.get("slurm_job_id") is not None:
+        return job_task.get(str(hb["slurm_job_id"]))
+    return _int(hb.get("task"))
+
+
 def _shard_state(hb: dict[str, Any], t: dict[str, Any] | None, now: float, hb_every: float, host: str) -> str:
     """pending / running / requeued / failed for a shard without a done marker."""
     fresh = bool(hb) and now - float(hb.get("time", 0)) < 3 * hb_every + 60
@@ -381,7 +397,9 @@ def _shard_state(hb: dict[str, Any], t: dict[str, Any] | None, now: float, hb_ev
         if hb_host == host and pid is not None:
             return "running" if _pid_alive(pid) else "failed"
         return "running" if fresh else "failed"
-    return "failed" if rec == "failed" else "pending"
+    if rec == "failed" or t.get("local_exit_code"):  # a local task that exited non-zero left this shard unfinished
+        return "failed"
+    return "pending"
 
 
 # ---------------------------------------------------------------------------------------------- text

@@ -194,6 +194,13 @@ def submit_run(
         from hpcrollout.local import run_local
 
         result["exit_codes"] = run_local(rundir.root, wanted, config.executor.local_parallelism)
+        # For status: a local task that exited non-zero is failed even if it died before its first heartbeat.
+        jobs = read_jobs(rundir)
+        for sub in reversed(jobs["submissions"]):
+            if sub.get("executor") == "local" and sub.get("tasks") == wanted:
+                sub["exit_codes"] = {str(t): c for t, c in result["exit_codes"].items()}
+                break
+        write_json_atomic(jobs_path(rundir), jobs)
     return result
 
 

@@ -82,3 +82,20 @@ def test_status_running_failed_and_done_from_the_run_directory(tiny_model, tmp_p
     text = format_status(st)
     assert "FAILED task 2" in text and "MemoryError: out of memory" in text
     assert f"hpcrollout resume {RunDir(rundir.root).root}" in text
+
+
+def test_local_submit_failed_task_is_reported_with_its_log(tiny_model, tmp_path):
+    """executor.type local through submit: a task that dies before its first heartbeat is still reported failed."""
+    from hpcrollout.submit import submit_run
+
+    inp = write_input(tmp_path / "in.parquet", make_prompts(6))
+    config = make_config(
+        tmp_path, tiny_model, inp, sharding={"num_shards": 2}, executor={"num_tasks": 2, "local_parallelism": 2}
+    )
+    rundir = prepare_run(config)
+    rundir.shard_input(1).write_bytes(b"this is not a parquet file")
+    result = submit_run(config)
+    assert result["exit_codes"][0] == 0 and result["exit_codes"][1] != 0
+    st = run_status(rundir.root)
+    assert {e["shard"]: e["state"] for e in st["shards"]} == {0: "done", 1: "failed"}
+    assert "Parquet magic bytes not found" in st["failed"][0]["log_tail"]
