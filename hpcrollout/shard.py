@@ -154,12 +154,18 @@ def _check_unique_ids(pf: pq.ParquetFile, path: Path, id_column: str, hashes: np
         )
 
 
-def plan_shards(work: np.ndarray, num_shards: int, max_rows: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) row ranges with about equal estimated work, none longer than max_rows."""
+def plan_shards(
+    work: np.ndarray, num_shards: int, max_rows: int, fractions: list[float] | None = None
+) -> list[tuple[int, int]]:
+    """Contiguous [start, end) row ranges, none longer than max_rows, with about equal estimated work each
+    (or the given fractions of the total work, in order)."""
     n = len(work)
-    num_shards = max(1, min(n, max(num_shards, -(-n // max_rows))))
     cum = np.cumsum(work, dtype=np.float64)
-    targets = cum[-1] * np.arange(1, num_shards) / num_shards
+    if fractions:
+        targets = cum[-1] * np.cumsum(fractions)[:-1]
+    else:
+        num_shards = max(1, min(n, max(num_shards, -(-n // max_rows))))
+        targets = cum[-1] * np.arange(1, num_shards) / num_shards
     idx = np.searchsorted(cum, targets, side="left")
     below = np.where(idx > 0, cum[np.maximum(idx - 1, 0)], 0.0)
     # cut after row idx or before it, whichever lands nearer the target
@@ -253,7 +259,13 @@ def prepare_run(config: RunConfig, *, force: bool = False) -> RunDir:
         raise HpcRolloutError(f"input {input_path} has no rows")
     fingerprint = input_fingerprint(input_path)
     work = _scan(pf, input_path, config)
-    ranges = plan_shards(work, default_num_shards(config), config.sharding.max_prompts_per_shard)
+    fractions = None
+    if config.sharding.mode == "dynamic" and not config.sharding.num_shards:
+        from hpcrollout.claims import tapered_unit_sizes
+
+        # Shrinking units (guided self-scheduling): claimed longest first, the run ends on small ones.
+        fractions = tapered_unit_sizes(config.executor.num_tasks)
+    ranges = plan_shards(work, default_num_shards(config), config.sharding.max_prompts_per_shard, fractions)
     rundir.root.mkdir(parents=True, exist_ok=True)
     _write_shards(pf, rundir, config, ranges)
     write_atomic(rundir.config_path, config.to_yaml())

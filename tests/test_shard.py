@@ -80,3 +80,14 @@ def test_hundred_thousand_rows_stream(tmp_path, tiny_model):
     assert len(shards) == 16 and sum(s["prompts"] for s in shards) == n
     last = pq.read_table(rundir.shard_input(15), columns=["i", ROW])
     assert last.column("i").to_pylist() == last.column(ROW).to_pylist()
+
+
+def test_dynamic_mode_plans_shrinking_units():
+    from hpcrollout.claims import tapered_unit_sizes
+
+    work = np.ones(10_000)
+    ranges = plan_shards(work, 0, 10_000, tapered_unit_sizes(4))
+    sizes = [b - a for a, b in ranges]
+    assert ranges[0][0] == 0 and ranges[-1][1] == 10_000 and all(x[1] == y[0] for x, y in zip(ranges, ranges[1:]))
+    assert 40 <= len(ranges) <= 80 and sizes[0] > 10 * sizes[-1]
+    assert all(a >= b - 1 for a, b in zip(sizes, sizes[1:]))  # non-increasing (up to rounding)
