@@ -211,3 +211,14 @@ def test_run_directory_end_to_end(tmp_path: Path, tiny_model: Path) -> None:
     assert e.records_out == 30
     first = json.loads((tmp_path / "sft.jsonl").read_text().splitlines()[0])
     assert [m["role"] for m in first["messages"]][-2:] == ["user", "assistant"]
+
+
+def test_flattened_without_uid(tmp_path: Path) -> None:
+    flat = tmp_path / "f.parquet"
+    flatten(write_merged(tmp_path / "m.parquet"), flat)
+    pq.write_table(pq.read_table(flat).drop_columns(["uid"]), tmp_path / "nouid.parquet")
+    report = analyze(tmp_path / "nouid.parquet", plot=tmp_path / "p.png")
+    assert (report["rows"], report["responses"], report["error_rows"]) == (12, 11, 1)
+    assert report["prompts"] is None and report["diversity"] is None
+    assert report["response_chars"] == EXPECTED["response_chars"]
+    assert "diversity" not in format_report(report)
