@@ -1,7 +1,7 @@
 """Open any post-processing input as a stream of Arrow batches: a merged file, a flattened file, or a run directory.
 
 Every post-processing command (flatten, analyze, filter, export) reads through here, so memory stays bounded by
-one batch whatever the file size: Parquet is read with ``ParquetFile.iter_batches`` (row group by row group), a run
+one batch whatever the file size: Parquet is read with ``ParquetFile.iter_batches`` (batches of about 12 MiB), a run
 directory through ``hpcrollout.merge.iter_merged_batches``. Outputs are written incrementally with a
 ``ParquetWriter`` on a temp file that is renamed over the destination only on success.
 """
@@ -39,8 +39,6 @@ SAMPLE_COLUMNS = {
     "logprobs": "logprobs",
     "cumulative_logprobs": "cumulative_logprob",
 }
-# Per-prompt result columns, carried unchanged on every flattened row.
-PROMPT_RESULT_COLUMNS = ("uid", "prompt_tokens", "error")
 
 # Aim for batches of about this many (Parquet-encoded, uncompressed) bytes; long rows get fewer rows per batch.
 # Flattening 10^6 rows peaked at 392 MiB RSS with 16k-row batches, 833 MiB with 64k, for the same CPU time.
