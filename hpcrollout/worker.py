@@ -21,6 +21,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,13 @@ from hpcrollout.schema import PART_ROW, ROW, UID, result_schema, results_to_tabl
 
 log = logging.getLogger("hpcrollout")
 
-_current: ShardRun | None = None  # the shard being generated in this process, for flush_now()
+_active: dict[int, ShardRun] = {}  # shards being generated in this process, for flush_now()
 
 
 def flush_now() -> None:
-    """Commit the finished, not yet committed results of the running shard. Safe from a signal handler."""
-    if _current is not None:
-        _current.commit(force=True)
+    """Commit the finished, not yet committed results of the running shards. Safe from a signal handler."""
+    for run in list(_active.values()):
+        run.commit(force=True)
 
 
 _crash_counts: dict[str, int] = {}
@@ -174,37 +175,17 @@ class ShardRun:
         self.tokens_now += sum(s.num_tokens for s in result.samples)
         self.errors_now += result.error is not None
 
-    def run(self, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-        global _current
-        meta = pq.ParquetFile(self.rundir.shard_input(self.shard)).metadata
-        self.total = meta.num_rows
-        skip = set(read_rows(committed_parts(self.rundir, self.shard)))
-        self.done_before = len(skip)
-        log.info("shard %05d: %d prompts, %d already committed", self.shard, self.total, len(skip))
-        _current = self
-        stopped = False
-        try:
-            self.heartbeat(force=True)
-            results = self.engine.generate(self.requests(skip))
-            try:
-                for result in results:
-                    self.add(result)
-                    self.commit()
-                    self.heartbeat()
-                    if should_stop is not None and should_stop():
-                        stopped = True
-                        break
-            finally:
-                close = getattr(results, "close", None)
-                if close:
-                    close()
-            self.commit(force=True)
-        finally:
-            _current = None
-        if stopped:
-            self.heartbeat(force=True, state="stopped")
-            return {"shard": self.shard, "state": "stopped"}
-        return finish_shard(self.rundir, self.shard, self.schema, self.summary())
+    def open(self) -> None:
+        """Read what earlier attempts committed; the rows found there are not generated again."""
+        self.total = pq.ParquetFile(self.rundir.shard_input(self.shard)).metadata.num_rows
+        self.skip = set(read_rows(committed_parts(self.rundir, self.shard)))
+        self.done_before = len(self.skip)
+        self.submitted = False
+        log.info("shard %05d: %d prompts, %d already committed", self.shard, self.total, len(self.skip))
+        self.heartbeat(force=True)
+
+    def complete(self) -> bool:
+        return self.submitted and self.done_before + self.done_now >= self.total
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -288,21 +269,163 @@ def _first_copy_per_row(table: pa.Table) -> pa.Table:
     return table.take(pa.array(np.sort(first)))
 
 
+class ShardSource:
+    """Which shard a task works on next: its static share, or claims in dynamic mode."""
+
+    def __init__(self, rundir: RunDir, shards: list[int] | None = None, board: Any = None) -> None:
+        self.rundir, self.board = rundir, board
+        self.queue = list(shards or [])
+        self.exhausted = False
+        self.claims: dict[int, tuple[Any, Any]] = {}  # shard -> (claim, lease keeper)
+
+    def next(self, block: bool) -> int | None:
+        """The next shard, or None: nothing now (exhausted set: nothing ever). Blocks only when asked."""
+        if self.queue:
+            return self.queue.pop(0)
+        if self.board is None:
+            self.exhausted = True
+            return None
+        claim = self.board.wait_for_claim() if block else self.board.claim_next()
+        if claim is None:
+            # while other shards are in the engine, a holder that merely may be dead is not waited for
+            self.exhausted = block or self.board.retry_at is None
+            return None
+        keeper = self.board.keeper(claim)
+        keeper.__enter__()
+        self.claims[claim.shard] = (claim, keeper)
+        return claim.shard
+
+    def lost(self, shard: int) -> bool:
+        claim = self.claims.get(shard)
+        return bool(claim and claim[0].lost)
+
+    def release(self, shard: int) -> None:
+        if shard in self.claims:
+            claim, keeper = self.claims.pop(shard)
+            keeper.__exit__(None, None, None)
+            self.board.release(claim)
+            if claim.lost:
+                log.warning("shard %05d: its claim was taken over by another task meanwhile", shard)
+
+    def release_all(self) -> None:
+        for shard in list(self.claims):
+            self.release(shard)
+
+
+class TaskRunner:
+    """Feeds one engine an unbroken stream of requests across shards.
+
+    A shard boundary is not a barrier: when the engine asks for more requests than the current shard has left,
+    the next shard (static share or a new claim) is opened and its prompts follow at once, while the previous
+    shard's last requests are still generating. A shard whose results are all in is finalised on a background
+    thread, so compaction never idles the GPU.
+    """
+
+    def __init__(self, rundir: RunDir, config: RunConfig, engine: Engine, source: ShardSource) -> None:
+        self.rundir, self.config, self.engine, self.source = rundir, config, engine, source
+        self.runs: dict[int, ShardRun] = {}
+        self.results: list[dict[str, Any]] = []
+        self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish-shard")
+        self.finishing: list[Future] = []
+        self.ranges = {s["shard"]: s["rows"] for s in rundir.manifest()["shards"]}
+
+    def _open_next(self, block: bool) -> ShardRun | None:
+        while True:
+            shard = self.source.next(block)
+            if shard is None:
+                return None
+            if self.rundir.is_done(shard):
+                self.results.append({"shard": shard, "state": "done", "skipped": True})
+                self.source.release(shard)
+                continue
+            if self.rundir.shard_output(shard).exists():  # died between output and marker: only the marker is missing
+                self._finish_async(shard, None)
+                continue
+            run = ShardRun(self.rundir, shard, self.config, self.engine)
+            run.start, run.end = self.ranges[shard]
+            run.open()
+            self.runs[shard] = _active[shard] = run
+            return run
+
+    def _stream(self) -> Iterator[PromptRequest]:
+        while True:
+            run = self._open_next(block=not any(not r.complete() for r in self.runs.values()))
+            if run is None:
+                return
+            yield from run.requests(run.skip)
+            run.submitted = True
+            if run.complete():  # nothing left to generate (all committed before, or all malformed)
+                self._finish(run)
+
+    def _owner(self, row: int) -> ShardRun:
+        for run in self.runs.values():
+            if run.start <= row < run.end:
+                return run
+        raise RuntimeError(f"the engine returned row {row}, which belongs to no open shard")
+
+    def _finish(self, run: ShardRun) -> None:
+        run.commit(force=True)
+        del self.runs[run.shard]
+        _active.pop(run.shard, None)
+        self._finish_async(run.shard, run)
+
+    def _finish_async(self, shard: int, run: ShardRun | None) -> None:
+        schema = result_schema(logprobs=self.config.sampling.logprobs, token_ids=self.config.sampling.return_token_ids)
+        attempt = run.summary() if run else {"engine": self.engine.describe(), "recovered": True}
+
+        def job() -> dict[str, Any]:
+            try:
+                return finish_shard(self.rundir, shard, schema, attempt)
+            finally:
+                self.source.release(shard)
+
+        self.finishing.append(self.finisher.submit(job))
+
+    def run(self, should_stop: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
+        stopped = False
+        try:
+            while not stopped and not self.source.exhausted:
+                results = self.engine.generate(self._stream())
+                try:
+                    for result in results:
+                        run = self._owner(result.row)
+                        run.add(result)
+                        run.commit()
+                        run.heartbeat()
+                        if run.complete():
+                            self._finish(run)
+                        if should_stop is not None and should_stop():
+                            stopped = True
+                            break
+                finally:
+                    close = getattr(results, "close", None)
+                    if close:
+                        close()
+            for run in list(self.runs.values()):
+                run.commit(force=True)
+                run.heartbeat(force=True, state="stopped")
+                self.results.append({"shard": run.shard, "state": "stopped"})
+        finally:
+            for run in list(self.runs.values()):
+                _active.pop(run.shard, None)
+            self.finisher.shutdown(wait=True)
+            try:
+                self.results += [f.result() for f in self.finishing]
+            finally:
+                self.source.release_all()
+        return self.results
+
+
 def run_shard(
-    rundir: RunDir,
-    shard: int,
-    engine: Engine,
-    config: RunConfig | None = None,
+    rundir: RunDir, shard: int, engine: Engine, config: RunConfig | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Run one shard to completion (or until should_stop() says so); a done shard returns at once."""
     if rundir.is_done(shard):
         return {"shard": shard, "state": "done", "skipped": True}
     config = config or rundir.load_config()
-    if rundir.shard_output(shard).exists():  # died between output and marker: only the marker is missing
-        schema = result_schema(logprobs=config.sampling.logprobs, token_ids=config.sampling.return_token_ids)
-        return finish_shard(rundir, shard, schema, {"engine": engine.describe(), "recovered": True})
-    return ShardRun(rundir, shard, config, engine).run(should_stop)
+    (result,) = TaskRunner(rundir, config, engine, ShardSource(rundir, [shard])).run(should_stop)
+    return result
 
 
 def task_shards(rundir: RunDir, task_id: int, num_tasks: int | None = None) -> list[int]:
@@ -316,70 +439,40 @@ def task_shards(rundir: RunDir, task_id: int, num_tasks: int | None = None) -> l
 
 
 def run_task(
-    run_dir: str | Path,
-    task_id: int,
-    *,
-    shards: list[int] | None = None,
-    num_tasks: int | None = None,
+    run_dir: str | Path, task_id: int, *, shards: list[int] | None = None, num_tasks: int | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """What one array task does: create the engine once, then run its shards."""
+    """What one array task does: its shards (static) or claimed shards (dynamic), through one engine.
+
+    The engine starts only once there is a shard to work on, so a task with nothing to do frees its GPUs at once.
+    """
     rundir = RunDir(run_dir)
     config = rundir.load_config()
+    board = None
     if config.sharding.mode == "dynamic" and shards is None:
-        return run_dynamic(rundir, config, task_id, should_stop)
-    todo = (
-        [s for s in shards if not rundir.is_done(s)] if shards is not None else task_shards(rundir, task_id, num_tasks)
-    )
+        from hpcrollout.claims import ClaimBoard
+
+        board = ClaimBoard(rundir, lease_s=config.sharding.lease_seconds)
+        source = ShardSource(rundir, board=board)
+        first = source.next(block=True)
+        todo = [] if first is None else [first]
+    else:
+        todo = [s for s in shards if not rundir.is_done(s)] if shards is not None else task_shards(rundir, task_id, num_tasks)
+        source = ShardSource(rundir, todo)
     summary: dict[str, Any] = {"task": task_id, "shards": todo, "results": []}
     if not todo:
         log.info("task %d: nothing to do", task_id)
         return summary
-    log.info("task %d: shards %s on %s", task_id, todo, socket.gethostname())
-    with create_engine(config) as engine:
-        log.info("task %d: engine ready: %s", task_id, engine.describe())
-        for shard in todo:
-            result = run_shard(rundir, shard, engine, config, should_stop)
-            summary["results"].append(result)
-            if result.get("state") == "stopped":
-                break
-    return summary
-
-
-def run_dynamic(
-    rundir: RunDir, config: RunConfig, task_id: int, should_stop: Callable[[], bool] | None = None
-) -> dict[str, Any]:
-    """Dynamic mode: claim shards (longest expected work first) until none is left, renewing the lease meanwhile.
-
-    The engine starts only once a shard is claimed, so a task that finds nothing to do frees its GPUs at once.
-    """
-    from hpcrollout.claims import ClaimBoard
-
-    board = ClaimBoard(rundir, lease_s=config.sharding.lease_seconds)
-    summary: dict[str, Any] = {"task": task_id, "shards": [], "results": [], "owner": board.owner}
-    engine: Engine | None = None
+    if board is not None:
+        source.queue = list(todo)  # the first claim, already held, goes first
+    log.info("task %d: %s on %s", task_id, f"shards {todo}" if board is None else "claiming shards", socket.gethostname())
     try:
-        while (claim := board.wait_for_claim()) is not None:
-            summary["shards"].append(claim.shard)
-            try:
-                if engine is None:
-                    engine = create_engine(config)
-                    log.info("task %d: engine ready: %s", task_id, engine.describe())
-                with board.keeper(claim):
-                    stop = lambda: claim.lost or bool(should_stop and should_stop())  # noqa: E731
-                    result = run_shard(rundir, claim.shard, engine, config, stop)
-            finally:
-                board.release(claim)
-            if claim.lost:
-                log.warning("task %d: lost the claim on shard %05d to another task; moving on", task_id, claim.shard)
-            summary["results"].append(result)
-            if result.get("state") == "stopped" and not claim.lost:
-                break
+        with create_engine(config) as engine:
+            log.info("task %d: engine ready: %s", task_id, engine.describe())
+            summary["results"] = TaskRunner(rundir, config, engine, source).run(should_stop)
     finally:
-        if engine is not None:
-            engine.close()
-    if not summary["shards"]:
-        log.info("task %d: no shard left to claim", task_id)
+        source.release_all()
+    summary["shards"] = [r["shard"] for r in summary["results"]]
     return summary
 
 

@@ -1,0 +1,55 @@
+"""A shard boundary is not a barrier: the next shard's prompts reach the engine before the last one drains."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import pyarrow.parquet as pq
+
+from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
+from hpcrollout.merge import merge_run
+from hpcrollout.shard import prepare_run
+from hpcrollout.worker import TaskRunner, ShardSource
+from tests.conftest import make_config, make_prompts, write_input
+
+
+class WindowEngine(Engine):
+    """Stands in for vLLM's scheduler: keeps `window` requests in flight, finishes them oldest first.
+
+    (A fake on purpose: this test is about the worker's request stream, which a real engine would hide.)
+    """
+
+    name = "window"
+
+    def __init__(self, config, window: int, events: list) -> None:
+        super().__init__(config)
+        self.window, self.events = window, events
+
+    def generate(self, requests: Iterable[PromptRequest]) -> Iterator[PromptResult]:
+        source, inflight = iter(requests), []
+        while True:
+            while len(inflight) < self.window and (req := next(source, None)) is not None:
+                self.events.append(("pull", req.row))
+                inflight.append(req)
+            if not inflight:
+                return
+            req = inflight.pop(0)
+            self.events.append(("done", req.row))
+            samples = [Sample(text=f"r{req.row}-{i}", num_tokens=1, finish_reason="stop", seed=req.seed + i) for i in range(3)]
+            yield PromptResult(uid=req.uid, row=req.row, samples=samples, prompt_tokens=1)
+
+
+def test_next_shard_is_fed_before_the_previous_drains(tmp_path, tiny_model):
+    inp = write_input(tmp_path / "in.parquet", make_prompts(15))
+    config = make_config(tmp_path, tiny_model, inp, sharding={"num_shards": 3})
+    rundir = prepare_run(config)
+    events: list = []
+    results = TaskRunner(rundir, config, WindowEngine(config, 4, events), ShardSource(rundir, [0, 1, 2])).run()
+    assert sorted(r["shard"] for r in results) == [0, 1, 2] and all(r["state"] == "done" for r in results)
+    last_done_of_shard0 = events.index(("done", 4))
+    first_pull_of_shard1 = events.index(("pull", 5))
+    assert first_pull_of_shard1 < last_done_of_shard0, events
+    pulls = [row for kind, row in events if kind == "pull"]
+    assert pulls == list(range(15))  # each prompt once, in order
+    merge_run(rundir.root, tmp_path / "m.parquet")
+    assert pq.read_table(tmp_path / "m.parquet").num_rows == 15
