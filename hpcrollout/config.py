@@ -100,7 +100,7 @@ class ShardingConfig(_Section):
     """How the input is cut into shards (units of work)."""
 
     num_shards: int | None = Field(None, ge=1, description="Default: one per task (static); dynamic: ~15 per task, shrinking toward the end.")
-    max_prompts_per_shard: int = Field(50_000, ge=1, description="Caps memory of one shard's outputs at merge time.")
+    max_prompts_per_shard: int = Field(20_000, ge=1, description="Caps the memory of finishing one shard (its outputs are compacted in memory).")
     mode: Literal["static", "dynamic"] = Field(
         "static", description="static: task i runs its own shards; dynamic: tasks claim shards until none is left."
     )
