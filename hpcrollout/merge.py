@@ -136,13 +136,12 @@ def merge_run(run_dir: str | Path, output: str | Path, *, partial: bool = False)
     schema, batches = iter_merged_batches(run_dir, partial=partial)
     rows = responses = errors = 0
     output = Path(output)
-    with atomic_path(output) as tmp:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for batch in batches:
-                writer.write_batch(batch, row_group_size=4096)
-                rows += batch.num_rows
-                responses += pc.sum(pc.list_value_length(batch.column("responses"))).as_py() or 0
-                errors += batch.num_rows - batch.column("error").null_count
+    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for batch in batches:
+            writer.write_batch(batch, row_group_size=4096)
+            rows += batch.num_rows
+            responses += pc.sum(pc.list_value_length(batch.column("responses"))).as_py() or 0
+            errors += batch.num_rows - batch.column("error").null_count
     manifest = RunDir(run_dir).manifest()
     if not partial and rows != manifest["num_rows"]:
         raise HpcRolloutError(f"merged {rows} rows but the input had {manifest['num_rows']}")

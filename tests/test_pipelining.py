@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
 from hpcrollout.merge import merge_run
 from hpcrollout.shard import prepare_run
-from hpcrollout.worker import TaskRunner, ShardSource
+from hpcrollout.worker import ShardSource, TaskRunner
 from tests.conftest import make_config, make_prompts, write_input
 
 

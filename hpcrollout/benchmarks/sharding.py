@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-WORDS = "the of and to in is you that it he was for on are as with his they at be this have from".split()
+WORDS = ["the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on", "are", "as", "with", "his", "they", "at", "be", "this", "have", "from"]
 
 
 def generate(path: Path, rows: int, group: int = 100_000) -> None:
