@@ -233,6 +233,9 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         q = (queued or {}).get(job_id or "")
         a = (acct or {}).get(job_id or "")
         sched = q["state"] if q else (a["state"] if a else None)
+        if job_id and not q and queued is not None and (sched is None or sched in ACTIVE_STATES):
+            # Not queued any more, but accounting has not caught up yet (slurmdbd lags by a second or two).
+            sched = "ENDED"
         requeues = max(q["restarts"] if q else 0, a["requeues"] if a else 0, int(record.get("requeues", 0)))
         tasks[task] = {
             "task": task,
