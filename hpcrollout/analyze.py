@@ -368,7 +368,6 @@ def analyze(
 
 
 # The name hpcrollout.demo imports.
-analyze_path = analyze
 
 
 def fmt_pct(x: float | None) -> str:

@@ -89,13 +89,10 @@ def main(args: argparse.Namespace) -> int:
     output = base / "merged.parquet"
     stats = merge_run(rundir.root, output)
     print(f"merged {stats['rows']} prompts, {stats['responses']} responses -> {output}")
-    try:
-        from hpcrollout.analyze import analyze_path, format_report
+    from hpcrollout.analyze import analyze, format_report
 
-        print(format_report(analyze_path(str(output))))
-    except ImportError:
-        table = pq.read_table(output)
-        print(table.select(["topic", "responses", "finish_reasons"]).slice(0, 3).to_pandas().to_string())
+    print(format_report(analyze(rundir.root, plot=base / "lengths.png")))
+    print(f"plot of response lengths and finish reasons: {base / 'lengths.png'}")
     print(f"next: hpcrollout status {rundir.root}; hpcrollout flatten {output} --output {base / 'flat.parquet'}")
     return 0
 
