@@ -164,7 +164,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
         job_id = _slurm_job_id()
         record = read_task_record(rundir, task_id)
         if record.get("job_id") != job_id:  # a new submission (resume) starts with a clean failure count
-            record = {"task": task_id, "job_id": job_id, "failures": 0, "requeues": 0, "attempts": 0}
+            record = {"task": task_id, "job_id": job_id, "failures": 0, "requeues": 0, "retries": 0, "attempts": 0}
         record.update(
             state="running",
             attempts=int(record.get("attempts", 0)) + 1,
@@ -198,10 +198,12 @@ class SlurmTask(submitit.helpers.Checkpointable):
             return False
         log.error("task %d raised (%s: %s); retry %d of %d", task_id, type(exc).__name__, exc, failures, retries)
         sys.stderr.write(tb)
+        retried = int(read_task_record(rundir, task_id).get("retries", 0)) + 1
         self._update(
             rundir,
             task_id,
             state="retrying",
+            retries=retried,
             error=f"{type(exc).__name__}: {exc}",
             traceback=tb[-4000:],
             failures=failures,
@@ -211,6 +213,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
             subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True)
         except (OSError, subprocess.SubprocessError) as err:
             log.error("scontrol requeue %s failed (%s); the task is reported failed", job_id, err)
+            self._update(rundir, task_id, retries=retried - 1)
             self._requeued = False
             return False
         return True

@@ -236,7 +236,10 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         if job_id and not q and queued is not None and (sched is None or sched in ACTIVE_STATES):
             # Not queued any more, but accounting has not caught up yet (slurmdbd lags by a second or two).
             sched = "ENDED"
-        requeues = max(q["restarts"] if q else 0, a["requeues"] if a else 0, int(record.get("requeues", 0)))
+        # The scheduler counts our retry requeues (a task that raised) too: those are reported as retries.
+        retries = int(record.get("retries", 0))
+        sched_requeues = max(q["restarts"] if q else 0, a["requeues"] if a else 0) - retries
+        requeues = max(sched_requeues, int(record.get("requeues", 0)))
         tasks[task] = {
             "task": task,
             "job_id": job_id,
@@ -244,6 +247,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
             "reason": q["reason"] if q else None,
             "exit_code": a["exit_code"] if a else None,
             "requeues": requeues,
+            "retries": retries,
             "failures": int(record.get("failures", 0)),
             "record_state": record.get("state"),
             "error": record.get("error"),
@@ -302,6 +306,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
                 )
         if t:
             entry["requeues"] = t["requeues"]
+            entry["retries"] = t["retries"]
         shards.append(entry)
 
     counts: dict[str, int] = {}
@@ -385,7 +390,11 @@ def _shard_state(hb: dict[str, Any], t: dict[str, Any] | None, now: float, hb_ev
         if sched in ("RUNNING", "COMPLETING", "CONFIGURING"):
             return "running" if this_attempt else "pending"
         if sched in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED"):
-            return "requeued" if (t["requeues"] or rec in ("requeued", "retrying") or sched != "PENDING") else "pending"
+            return (
+                "requeued"
+                if (t["requeues"] or t["retries"] or rec in ("requeued", "retrying") or sched != "PENDING")
+                else "pending"
+            )
         if sched is not None:  # finished in the scheduler's eyes (COMPLETED, FAILED, CANCELLED, TIMEOUT, ...)
             return "failed"
         # neither squeue nor sacct knows it (no accounting, or purged): the task record decides
@@ -436,7 +445,7 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
         lines.append("(no sacct here: finished or cancelled jobs are known only from the run directory)")
     lines.append("")
     lines.append(
-        f"{'shard':>5} {'task':>4} {'job':>12} {'state':<9} {'prompts':>13} {'tok/s':>8} {'eta':>7} {'requeues':>8}"
+        f"{'shard':>5} {'task':>4} {'job':>12} {'state':<9} {'prompts':>13} {'tok/s':>8} {'eta':>7} {'requeues':>8} {'retries':>7}"
     )
     for e in st["shards"]:
         prompts = f"{e['prompts_done']}/{e['prompts_total']}"
@@ -444,7 +453,7 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
         eta = _dur(e.get("eta_s")) if e["state"] == "running" else "-"
         task = "-" if e["task"] is None else str(e["task"])
         lines.append(
-            f"{e['shard']:>5} {task:>4} {e.get('job_id') or '-':>12} {e['state']:<9} {prompts:>13} {tok:>8} {eta:>7} {e.get('requeues', 0):>8}"
+            f"{e['shard']:>5} {task:>4} {e.get('job_id') or '-':>12} {e['state']:<9} {prompts:>13} {tok:>8} {eta:>7} {e.get('requeues', 0):>8} {e.get('retries', 0):>7}"
         )
     if st["slowest"]:
         lines.append("")

@@ -131,6 +131,7 @@ def test_failing_task_is_reported_and_resume_reruns_only_it(slurm_cluster, tiny_
     assert st["counts"] == {"done": 1, "failed": 1}
     (failed,) = st["failed"]
     assert failed["task"] == 1 and failed["shards"] == [1]
+    assert (st["shards"][1]["retries"], st["shards"][1]["requeues"]) == (1, 0)  # a retry, not a timeout requeue
     assert "Parquet magic bytes not found" in failed["log_tail"]
     text = status.format_status(st)
     assert "FAILED task 1" in text and "Parquet magic bytes" in text and f"hpcrollout resume {rundir.root}" in text
