@@ -18,10 +18,12 @@ compile cache was warm) is reported separately. Each device call has a time limi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -143,37 +145,52 @@ def commit_stats(commits: list[float], wall: float) -> dict[str, Any]:
     return {"commits": len(commits), "max_commit_gap_s": round(max(gaps), 1) if gaps else round(wall, 1)}
 
 
+class PartWatcher:
+    """Notes when each part file of a shard appears (the worker commits them; they are removed at the end)."""
+
+    def __init__(self, parts_dir: Path, t0: float) -> None:
+        self.parts_dir, self.t0 = parts_dir, t0
+        self.seen: dict[str, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self.stop.wait(0.2):
+            with contextlib.suppress(OSError):
+                for p in self.parts_dir.glob("part-*.parquet"):
+                    self.seen.setdefault(p.name, time.perf_counter() - self.t0)
+
+    def __enter__(self) -> PartWatcher:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def way_hpcrollout(engine: Any, args: argparse.Namespace, config: Any, lengths: list[int]) -> dict[str, Any]:
     from hpcrollout.shard import prepare_run
-    from hpcrollout.worker import ShardRun
-
-    class TimedShardRun(ShardRun):
-        """The worker's ShardRun, noting when each part file is committed."""
-
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, **kw)
-            self.commit_times: list[float] = []
-
-        def commit(self, force: bool = False) -> None:
-            before = self.seq
-            super().commit(force)
-            if self.seq != before:
-                self.commit_times.append(time.perf_counter() - self.t0)
+    from hpcrollout.worker import run_shard
 
     rundir = prepare_run(config)
     engine.per_request_sampling = lambda req: {"max_tokens": lengths[req.row]}
     tokenize_before = engine.renderer.tokenize_s
-    shard_run = TimedShardRun(rundir, 0, config, engine)
-    shard_run.t0 = started = time.perf_counter()
-    summary = shard_run.run()
+    started = time.perf_counter()
+    try:
+        with PartWatcher(rundir.parts_dir(0), started) as watcher:
+            result = run_shard(rundir, 0, engine, config)
+    finally:
+        engine.per_request_sampling = None
     wall = time.perf_counter() - started
-    engine.per_request_sampling = None
+    if result.get("state") != "done":
+        raise RuntimeError(f"the shard did not finish: {result}")
     return {
         "wall_s": wall,
-        "output_tokens": int(summary["output_tokens"]),
+        "output_tokens": int(result["output_tokens"]),
         "every_seconds": args.every_seconds,
         "tokenize_s": round(engine.renderer.tokenize_s - tokenize_before, 3),
-        **commit_stats(shard_run.commit_times, wall),
+        **commit_stats(sorted(watcher.seen.values()), wall),
     }
 
 
@@ -203,21 +220,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine.llm.chat(prompts[:4], params_for(engine, seeds[:4], [16] * 4), use_tqdm=False)  # warm-up, untimed
 
     results: dict[str, Any] = {}
-    for way in args.ways.split(","):
-        key = way if way not in results else f"{way}#{sum(k.split('#')[0] == way for k in results) + 1}"
-        engine.llm.reset_prefix_cache()  # every way starts with the same (empty) prefix cache
-        if way == "raw":
-            res = way_raw(engine, prompts, seeds, lengths)
-        elif way == "hpcrollout":
-            res = way_hpcrollout(engine, args, config, lengths)
-        elif way == "chunk":
-            res = way_chunk(engine, prompts, seeds, lengths, args.chunk_prompts, work / f"chunks-{stamp}")
-        else:
-            raise SystemExit(f"--ways: unknown way {way!r} (raw, hpcrollout, chunk)")
-        res["tok_per_s"] = res["output_tokens"] / res["wall_s"]
-        results[key] = res
-        log.info("%s: %s", key, res)
-    engine.close()
+    try:
+        run_ways(args, engine, config, prompts, seeds, lengths, work, stamp, results)
+    finally:
+        engine.close()  # an engine left running keeps its core process, and this one, from exiting
     return {
         "workload": args.workload,
         "prompts": args.prompts,
@@ -229,6 +235,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "engine": info,
         "ways": results,
     }
+
+
+def run_ways(args, engine, config, prompts, seeds, lengths, work, stamp, results) -> None:  # noqa: ANN001
+    """Each way in turn; a way that fails is reported and the others still run."""
+    for way in args.ways.split(","):
+        key = way if way not in results else f"{way}#{sum(k.split('#')[0] == way for k in results) + 1}"
+        engine.llm.reset_prefix_cache()  # every way starts with the same (empty) prefix cache
+        try:
+            if way == "raw":
+                res = way_raw(engine, prompts, seeds, lengths)
+            elif way == "hpcrollout":
+                res = way_hpcrollout(
+                    engine, args, config.model_copy(update={"run_dir": str(work / f"run-{stamp}-{key}")}), lengths
+                )
+            elif way == "chunk":
+                res = way_chunk(engine, prompts, seeds, lengths, args.chunk_prompts, work / f"chunks-{stamp}-{key}")
+            else:
+                raise ValueError(f"--ways: unknown way {way!r} (raw, hpcrollout, chunk)")
+        except Exception:
+            log.exception("way %s failed", key)
+            continue
+        res["tok_per_s"] = res["output_tokens"] / res["wall_s"]
+        results[key] = res
+        log.info("%s: %s", key, res)
 
 
 def report(summary: dict[str, Any]) -> str:

@@ -37,7 +37,7 @@ rc=0
 run_tests() {
   local t=$(( $(left) - ${RESERVE:-0} ))
   local extra=()
-  python3 -c "import pytest_timeout" 2>/dev/null && extra=(--timeout 420)
+  python3 -c "import pytest_timeout" 2>/dev/null && extra=(--timeout 240)
   echo "== pytest -m gpu (limit ${t}s)"
   HPCR_GPU_RESULTS="$OUT" timeout --signal=INT "$t" python3 -m pytest -m gpu tests/gpu -v -ra "${extra[@]}" 2>&1 \
     | tee "$OUT/pytest.log" | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|error" | tail -40
@@ -64,7 +64,11 @@ run_bench() {  # NAME ARGS...
 }
 
 # Tests followed by a benchmark leave it enough time (an engine start plus three ways of the variable workload).
-case " $* " in *" tests "*" variable"*|*" tests "*" headline"*) RESERVE=${RESERVE:-300} ;; esac
+after_tests=0
+for step in "$@"; do
+  [ "$step" = tests ] && after_tests=1 && continue
+  [ "$after_tests" = 1 ] && case "$step" in variable*|headline*) RESERVE=${RESERVE:-330} ;; esac
+done
 for step in "$@"; do
   case "$step" in
     check) python3 -c "from hpcrollout.engines.vllm_engine import VllmEngine; print('import ok')" ;;

@@ -3,6 +3,9 @@ engine, yields exactly the merged output of an uninterrupted run (same rows, see
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,15 +51,23 @@ def test_worker_killed_and_resumed_reproduces_the_uninterrupted_run(shared_llm, 
 
     config = _config(make_config, tmp_path / "crashed", inp)
     rundir = prepare_run(config)
-    proc = subprocess.run(
-        [sys.executable, "-m", "hpcrollout.worker", str(rundir.root), "--task", "0"],
-        env={**gpu_env, "HPCROLLOUT_CRASH_AT": "after_part:2"},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 137, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Its own session: the kill leaves vLLM's engine-core process orphaned, and it is killed with the group below.
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hpcrollout.worker", str(rundir.root), "--task", "0"],
+            env={**gpu_env, "HPCROLLOUT_CRASH_AT": "after_part:2"},
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            returncode = proc.wait(timeout=400)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert returncode == 137, log_path.read_text()[-4000:]
     parts = sorted(RunDir(rundir.root).parts_dir(0).glob("part-*.parquet"))
     assert len(parts) == 2  # two commits survived the kill
 
