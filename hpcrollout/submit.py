@@ -65,8 +65,10 @@ def sbatch_script(rundir: RunDir, config: RunConfig, num_tasks: int) -> str:
 
     command = f"{_python()} -u -m submitit.core._submit {shlex.quote(str(submitit_folder(rundir)))}"
     try:
+        # submitit submits a single task as a plain job, several as an array
+        map_count = num_tasks if num_tasks > 1 else None
         return _make_sbatch_string(
-            command=command, folder=submitit_folder(rundir), map_count=num_tasks, **slurm_parameters(config)
+            command=command, folder=submitit_folder(rundir), map_count=map_count, **slurm_parameters(config)
         )
     except (TypeError, ValueError) as exc:
         raise HpcRolloutError(f"slurm: cannot build the sbatch script: {exc}") from None
@@ -224,6 +226,8 @@ def dry_run(config: RunConfig, *, force: bool = False, out=None) -> str:
         tasks = list(range(min(num_tasks, len(pending))))
     else:
         tasks = sorted({s["shard"] % num_tasks for s in pending})
+    active = active_tasks(rundir) if rundir.exists() and config.executor.type == "slurm" else {}
+    tasks = [t for t in tasks if t not in active]
     total = sum(s["rows"][1] - s["rows"][0] for s in shards)
     lines.append(
         f"input: {config.data.input} ({total} prompts x n={config.sampling.n}); model: {config.model.path}; backend: {config.backend}"
@@ -235,8 +239,10 @@ def dry_run(config: RunConfig, *, force: bool = False, out=None) -> str:
         state = "done" if s["shard"] in done else "to run"
         task = s["shard"] % num_tasks if config.sharding.mode == "static" else "-"
         lines.append(f"  {s['shard']:>5} {f'{a}-{b}':>17} {b - a:>8} {s.get('est_work', 0):>10.0f} {task:>5} {state}")
+    for task, job in sorted(active.items()):
+        lines.append(f"task {task} is queued or running as job {job}: would not be resubmitted")
     if not tasks:
-        lines.append("nothing to submit: every shard is done")
+        lines.append("nothing to submit" + ("" if active else ": every shard is done"))
         return "\n".join(lines)
     lines.append(f"would submit: {len(tasks)} task(s) {_ranges(tasks)} via executor {config.executor.type}")
     if config.executor.type == "local":

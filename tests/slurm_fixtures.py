@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+__all__ = ["slurm_cluster"]  # what `from tests.slurm_fixtures import *` in conftest.py brings in
+
 REPO = Path(__file__).resolve().parent.parent
 START_SCRIPT = REPO / "slurm" / "start-test-cluster.sh"
 
