@@ -39,6 +39,7 @@ ACTIVE_STATES = {
 REQUEUE_STATES = {"REQUEUED", "PREEMPTED", "REQUEUE_HOLD", "REQUEUE_FED"}
 RATE_WINDOW_S = 300.0
 LOG_TAIL_LINES = 12
+MAX_TABLE_ROWS = 40
 
 
 # ---------------------------------------------------------------------------------------------- jobs.json
@@ -447,7 +448,13 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
     lines.append(
         f"{'shard':>5} {'task':>4} {'job':>12} {'state':<9} {'prompts':>13} {'tok/s':>8} {'eta':>7} {'requeues':>8} {'retries':>7}"
     )
-    for e in st["shards"]:
+    rows = st["shards"]
+    if len(rows) > MAX_TABLE_ROWS:  # big runs: the shards that need attention, not hundreds of done ones
+        rank = {"failed": 0, "running": 1, "requeued": 2, "pending": 3}
+        rows = sorted((e for e in rows if e["state"] != "done"), key=lambda e: (rank.get(e["state"], 4), e["shard"]))
+        hidden = len(st["shards"]) - min(len(rows), MAX_TABLE_ROWS)
+        rows = rows[:MAX_TABLE_ROWS]
+    for e in rows:
         prompts = f"{e['prompts_done']}/{e['prompts_total']}"
         tok = f"{e['tokens_per_s']:.1f}" if "tokens_per_s" in e else "-"
         eta = _dur(e.get("eta_s")) if e["state"] == "running" else "-"
@@ -455,14 +462,17 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
         lines.append(
             f"{e['shard']:>5} {task:>4} {e.get('job_id') or '-':>12} {e['state']:<9} {prompts:>13} {tok:>8} {eta:>7} {e.get('requeues', 0):>8} {e.get('retries', 0):>7}"
         )
+    if len(st["shards"]) > MAX_TABLE_ROWS:
+        lines.append(
+            f"({hidden} more shards not listed: done ones, and any past the first {MAX_TABLE_ROWS}; --json lists all)"
+        )
     if st["slowest"]:
         lines.append("")
         lines.append(
             "slowest running shards: "
             + ", ".join(
                 f"{e['shard']} ({e['prompts_done']}/{e['prompts_total']}, eta {_dur(e.get('eta_s'))}, on {e.get('host')})"
-                for e in st["shards"]
-                if e["shard"] in st["slowest"]
+                for e in (st["shards"][i] for i in st["slowest"])
             )
         )
     for f in st["failed"]:
