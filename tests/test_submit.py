@@ -125,3 +125,10 @@ def test_racing_submit_gets_a_clear_error(tiny_model, tmp_path):
     holder = RunDir(config.run_dir).lock("submit")  # another submit holds the run directory
     with holder, pytest.raises(HpcRolloutError, match="locked by submit pid .* another submit is in progress"):
         submit_run(config)
+
+
+def test_slurm_executor_without_slurm_client_says_so(tiny_model, tmp_path, monkeypatch):
+    config = _config(tmp_path, tiny_model)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no srun/sbatch on PATH, as on a laptop
+    with pytest.raises(HpcRolloutError, match="no SLURM client .* or set executor.type: local"):
+        submit_run(config)
