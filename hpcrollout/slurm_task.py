@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+from submitit.core.utils import UncompletedJobError
 
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.rundir import RunDir, read_json, shard_name, write_json_atomic
@@ -102,6 +103,11 @@ class SlurmTask(submitit.helpers.Checkpointable):
             result = worker.run_task(self.run_dir, task_id, should_stop=lambda: self._terminated)
             if self._terminated:
                 self._wait_for_end(task_id)
+        except UncompletedJobError as exc:
+            # submitit gave up requeueing (slurm.max_requeues timeouts/preemptions): a retry would defeat the limit.
+            requeues = max(0, int(read_task_record(rundir, task_id).get("requeues", 1)) - 1)  # this one was not
+            self._update(rundir, task_id, state="failed", error=f"{exc} (slurm.max_requeues)", requeues=requeues)
+            raise
         except HpcRolloutError as exc:
             # A user error (bad model path, bad shard) fails the same way every time: no retry.
             self._update(
