@@ -80,6 +80,12 @@ class SlurmTask(submitit.helpers.Checkpointable):
         from hpcrollout import worker
 
         _setup_logging()
+        rank = int(os.environ.get("SLURM_PROCID", "0") or 0)
+        if rank != 0:
+            # slurm.nodes > 1: srun starts this on every node; the engine on the first node drives the others
+            # (vLLM over Ray), so the other ranks must not process shards themselves.
+            log.info("task %d: rank %d of a multi-node task stays idle; rank 0 runs the shards", task_id, rank)
+            return {"task": task_id, "rank": rank, "idle": True}
         self._requeued = False  # a requeued attempt is unpickled with the flag its predecessor set
         rundir = RunDir(self.run_dir)
         record = self._start(rundir, task_id)
