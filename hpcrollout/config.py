@@ -26,6 +26,7 @@ class DataConfig(_Section):
     id_column: str | None = Field(
         None, description="Column with a unique id per row; otherwise ids derive from content and position."
     )
+    max_tokens_column: str | None = Field(None, description="Column with a per-prompt max_tokens (overrides sampling.max_tokens).")
     max_prompt_chars: int = Field(
         1_000_000, gt=0, description="Longer prompts become error records instead of being sent."
     )
@@ -184,7 +185,7 @@ class RunConfig(_Section):
         parts = {
             "model": d["model"],
             "sampling": d["sampling"],
-            "data": {k: d["data"][k] for k in ("prompt_column", "id_column", "max_prompt_chars")},
+            "data": {k: d["data"][k] for k in ("prompt_column", "id_column", "max_tokens_column", "max_prompt_chars")},
             "backend": d["backend"],
         }
         return {k: _digest(v) for k, v in parts.items()}

@@ -78,6 +78,11 @@ def _check_columns(path: Path, schema: pa.Schema, config: RunConfig) -> None:
             f"input {path} has no {col!r} column (columns: {', '.join(names)}); "
             "name the prompt column with data.prompt_column"
         )
+    budget = config.data.max_tokens_column
+    if budget and budget not in names:
+        raise HpcRolloutError(f"input {path} has no max_tokens column {budget!r} (data.max_tokens_column); columns: {', '.join(names)}")
+    if budget and not pa.types.is_integer(schema.field(budget).type):
+        raise HpcRolloutError(f"input {path}: column {budget!r} (data.max_tokens_column) must hold integers, not {schema.field(budget).type}")
     if config.data.id_column and config.data.id_column not in names:
         raise HpcRolloutError(
             f"input {path} has no id column {config.data.id_column!r} (data.id_column); columns: {', '.join(names)}"
@@ -117,24 +122,27 @@ def _hash64(values: list[Any]) -> np.ndarray:
 
 
 def _scan(pf: pq.ParquetFile, path: Path, config: RunConfig) -> np.ndarray:
-    """Pass 1: estimated work per row; checks the id column (non-null, unique)."""
-    per_sample = config.sampling.n * config.sampling.max_tokens
-    cols = [config.data.prompt_column] + ([config.data.id_column] if config.data.id_column else [])
+    """Pass 1: estimated work per row (prompt tokens + n x max_tokens); checks the id column (non-null, unique)."""
+    data, sp = config.data, config.sampling
+    cols = list(dict.fromkeys(c for c in (data.prompt_column, data.id_column, data.max_tokens_column) if c))
     work = np.empty(pf.metadata.num_rows, dtype=np.float32)
     hashes = []
     offset = 0
     for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=cols):
-        chars = _prompt_chars(batch.column(0))
-        work[offset : offset + len(chars)] = chars / CHARS_PER_TOKEN + per_sample
-        if config.data.id_column:
-            ids = batch.column(1)
+        chars = _prompt_chars(batch.column(data.prompt_column))
+        budget: np.ndarray | float = sp.max_tokens
+        if data.max_tokens_column:
+            budget = pc.fill_null(batch.column(data.max_tokens_column), sp.max_tokens).to_numpy(zero_copy_only=False)
+        work[offset : offset + len(chars)] = chars / CHARS_PER_TOKEN + sp.n * budget
+        if data.id_column:
+            ids = batch.column(data.id_column)
             if ids.null_count:
                 row = offset + int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
-                raise HpcRolloutError(f"input {path} row {row}: id column {config.data.id_column!r} is null")
+                raise HpcRolloutError(f"input {path} row {row}: id column {data.id_column!r} is null")
             hashes.append(_hash64(ids.to_pylist()))
         offset += len(chars)
     if hashes:
-        _check_unique_ids(pf, path, config.data.id_column, np.concatenate(hashes))
+        _check_unique_ids(pf, path, data.id_column, np.concatenate(hashes))
     return work
 
 

@@ -155,9 +155,11 @@ class ShardRun:
         data = self.config.data
         pf = pq.ParquetFile(self.rundir.shard_input(self.shard))
         seed = self.config.sampling.seed
-        for batch in pf.iter_batches(batch_size=1024, columns=[data.prompt_column, ROW, UID]):
+        columns = [data.prompt_column, ROW, UID] + ([data.max_tokens_column] if data.max_tokens_column else [])
+        for batch in pf.iter_batches(batch_size=1024, columns=columns):
             cells, rows, uids = (batch.column(i).to_pylist() for i in range(3))
-            for cell, row, uid in zip(cells, rows, uids):
+            budgets = batch.column(3).to_pylist() if data.max_tokens_column else [None] * len(rows)
+            for cell, row, uid, budget in zip(cells, rows, uids, budgets):
                 if row in skip:
                     continue
                 request = PromptRequest(uid=uid, row=row, messages=None, text=None, seed=prompt_seed(seed, uid))
@@ -166,7 +168,10 @@ class ShardRun:
                 except BadPrompt as exc:
                     self.add(PromptResult.failed(request, f"bad prompt: {exc}"))
                     continue
-                yield PromptRequest(uid=uid, row=row, messages=messages, text=text, seed=request.seed)
+                if budget is not None and (not isinstance(budget, int) or budget < 1):
+                    self.add(PromptResult.failed(request, f"{data.max_tokens_column} must be a positive integer, got {budget!r}"))
+                    continue
+                yield PromptRequest(uid=uid, row=row, messages=messages, text=text, seed=request.seed, max_tokens=budget)
 
     def add(self, result: PromptResult) -> None:
         self.pending.append(result)

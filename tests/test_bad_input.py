@@ -123,3 +123,17 @@ def test_prompt_longer_than_model_context(tmp_path, tiny_model):
     rows = run_all(make_config(tmp_path, tiny_model, inp, engine={"max_model_len": 128}), tmp_path)
     assert "more than max_model_len=128" in rows[0]["error"]
     assert rows[1]["error"] is None and all(t <= 12 for t in rows[1]["response_tokens"])
+
+
+def test_per_prompt_max_tokens_column(tmp_path, tiny_model):
+    rows = [dict(r, budget=b) for r, b in zip(make_prompts(4), [2, None, 5, 0])]
+    inp = write_input(tmp_path / "in.parquet", rows)
+    config = make_config(tmp_path, tiny_model, inp, data={"max_tokens_column": "budget"},
+                         sampling={"ignore_eos": True, "max_tokens": 9})
+    out = run_all(config, tmp_path)
+    assert out[0]["response_tokens"] == [2, 2, 2]
+    assert out[1]["response_tokens"] == [9, 9, 9]  # null: sampling.max_tokens
+    assert out[2]["response_tokens"] == [5, 5, 5]
+    assert "budget must be a positive integer, got 0" in out[3]["error"]
+    missing = prepare_error(tmp_path / "x", tiny_model, inp, data={"max_tokens_column": "nope"})
+    assert "no max_tokens column 'nope'" in missing

@@ -36,6 +36,7 @@ class PromptRequest:
     messages: list[dict[str, str]] | None  # chat form: [{"role": ..., "content": ...}, ...]
     text: str | None  # raw prompt, used as is (no chat template); exactly one of messages/text is set
     seed: int  # base seed: sample i uses seed + i
+    max_tokens: int | None = None  # this prompt's budget (data.max_tokens_column); None: sampling.max_tokens
 
 
 @dataclass

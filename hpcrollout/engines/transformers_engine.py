@@ -115,7 +115,7 @@ class TransformersEngine(Engine):
         torch = self.torch
         sp = self.config.sampling
         n = sp.n
-        budget = min(sp.max_tokens, self.max_model_len - len(prompt_ids))
+        budget = min(request.max_tokens or sp.max_tokens, self.max_model_len - len(prompt_ids))
         gens = [torch.Generator().manual_seed(request.seed + i) for i in range(n)]
         prompt = torch.tensor([prompt_ids] * n, dtype=torch.long, device=self.device)
         generated: list[list[int]] = [[] for _ in range(n)]
