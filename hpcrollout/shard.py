@@ -70,7 +70,7 @@ def input_fingerprint(path: str | Path) -> dict[str, Any]:
     }
 
 
-def _check_columns(path: Path, schema: pa.Schema, config: RunConfig) -> None:
+def check_columns(path: Path, schema: pa.Schema, config: RunConfig) -> None:
     names = schema.names
     col = config.data.prompt_column
     if col not in names:
@@ -121,7 +121,7 @@ def _hash64(values: list[Any]) -> np.ndarray:
     )
 
 
-def _scan(pf: pq.ParquetFile, path: Path, config: RunConfig) -> np.ndarray:
+def scan_input(pf: pq.ParquetFile, path: Path, config: RunConfig) -> np.ndarray:
     """Pass 1: estimated work per row (prompt tokens + n x max_tokens); checks the id column (non-null, unique)."""
     data, sp = config.data, config.sampling
     cols = list(dict.fromkeys(c for c in (data.prompt_column, data.id_column, data.max_tokens_column) if c))
@@ -249,8 +249,25 @@ def _write_shards(pf: pq.ParquetFile, rundir: RunDir, config: RunConfig, ranges:
         raise
 
 
-def _fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def plan_input(config: RunConfig) -> tuple[pq.ParquetFile, np.ndarray, list[tuple[int, int]]]:
+    """Validate the input and plan its shards, writing nothing: (file, work per row, row ranges)."""
+    input_path = Path(config.data.input)
+    pf = open_input(input_path)
+    check_columns(input_path, pf.schema_arrow, config)
+    if pf.metadata.num_rows == 0:
+        raise HpcRolloutError(f"input {input_path} has no rows")
+    work = scan_input(pf, input_path, config)
+    fractions = None
+    if config.sharding.mode == "dynamic" and not config.sharding.num_shards:
+        from hpcrollout.claims import tapered_unit_sizes
+
+        # Shrinking units (guided self-scheduling): claimed longest first, the run ends on small ones.
+        fractions = tapered_unit_sizes(config.executor.num_tasks)
+    return pf, work, plan_shards(work, default_num_shards(config), config.sharding.max_prompts_per_shard, fractions)
 
 
 def prepare_run(config: RunConfig, *, force: bool = False) -> RunDir:
@@ -261,19 +278,8 @@ def prepare_run(config: RunConfig, *, force: bool = False) -> RunDir:
     if rundir.exists():
         return _reopen(rundir, config, force)
     started = time.time()
-    pf = open_input(input_path)
-    _check_columns(input_path, pf.schema_arrow, config)
-    if pf.metadata.num_rows == 0:
-        raise HpcRolloutError(f"input {input_path} has no rows")
+    pf, work, ranges = plan_input(config)
     fingerprint = input_fingerprint(input_path)
-    work = _scan(pf, input_path, config)
-    fractions = None
-    if config.sharding.mode == "dynamic" and not config.sharding.num_shards:
-        from hpcrollout.claims import tapered_unit_sizes
-
-        # Shrinking units (guided self-scheduling): claimed longest first, the run ends on small ones.
-        fractions = tapered_unit_sizes(config.executor.num_tasks)
-    ranges = plan_shards(work, default_num_shards(config), config.sharding.max_prompts_per_shard, fractions)
     rundir.root.mkdir(parents=True, exist_ok=True)
     _write_shards(pf, rundir, config, ranges)
     write_atomic(rundir.config_path, config.to_yaml())
@@ -298,7 +304,7 @@ def prepare_run(config: RunConfig, *, force: bool = False) -> RunDir:
 
 def _reopen(rundir: RunDir, config: RunConfig, force: bool) -> RunDir:
     manifest = rundir.manifest()
-    changes = [f"{k} settings" for k in _fingerprint_changes(manifest["generation"], config.generation_fingerprint())]
+    changes = [f"{k} settings" for k in fingerprint_changes(manifest["generation"], config.generation_fingerprint())]
     if config.data.input and Path(config.data.input).exists():
         new_input = input_fingerprint(config.data.input)
         old_input = manifest["input"]

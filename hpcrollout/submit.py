@@ -274,13 +274,7 @@ def _plan_shards(config: RunConfig) -> list[dict[str, Any]]:
     """The shard table prepare_run would write, computed in memory."""
     from hpcrollout import shard
 
-    path = Path(config.data.input)
-    pf = shard.open_input(path)
-    shard._check_columns(path, pf.schema_arrow, config)
-    if pf.metadata.num_rows == 0:
-        raise HpcRolloutError(f"input {path} has no rows")
-    work = shard._scan(pf, path, config)
-    ranges = shard.plan_shards(work, shard.default_num_shards(config), config.sharding.max_prompts_per_shard)
+    _, work, ranges = shard.plan_input(config)
     return [{"shard": i, "rows": [a, b], "est_work": float(work[a:b].sum())} for i, (a, b) in enumerate(ranges)]
 
 
@@ -289,7 +283,7 @@ def _reopen_check(rundir: RunDir, config: RunConfig, force: bool) -> dict[str, A
     from hpcrollout import shard
 
     manifest = rundir.manifest()
-    changes = shard._fingerprint_changes(manifest["generation"], config.generation_fingerprint())
+    changes = shard.fingerprint_changes(manifest["generation"], config.generation_fingerprint())
     if config.data.input and Path(config.data.input).exists():
         new, old = shard.input_fingerprint(config.data.input), manifest["input"]
         if any(new[k] != old.get(k) for k in ("size", "num_rows", "schema", "sha256_head_footer")):
