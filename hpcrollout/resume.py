@@ -3,7 +3,8 @@
 The run's own config.yaml is used, so generation settings cannot drift; `--set` may change resources
 (`--set slurm.time_min=600`), while a changed input file or generation setting is refused unless `--force`.
 Only tasks with a shard lacking its completion marker, and not queued or running now, are submitted; each
-resumed shard skips the prompts it already committed.
+resumed shard skips the prompts it already committed. In dynamic mode resume also adds tasks to a running job:
+`--set executor.num_tasks=8` while 4 run, or `--add-tasks 4`, submits 4 more that join by claiming shards.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--force", action="store_true", help="resume even though the input or generation settings changed"
     )
     parser.add_argument("--dry-run", action="store_true", help="print what would be resubmitted; submit nothing")
+    parser.add_argument(
+        "--add-tasks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="dynamic mode: submit N tasks beside the queued and running ones; they join by claiming shards",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -39,9 +47,9 @@ def main(args: argparse.Namespace) -> int:
     # The run's resolved config, with run_dir pinned to where it is now (it may have been moved or mounted elsewhere).
     config = load_config(rundir.config_path, args.overrides, base={"run_dir": str(rundir.root)})
     if args.dry_run:
-        print(dry_run(config, force=args.force))
+        print(dry_run(config, force=args.force, add_tasks=args.add_tasks))
         return 0
-    result = submit_run(config, force=args.force, command="resume")
+    result = submit_run(config, force=args.force, command="resume", add_tasks=args.add_tasks)
     print(report(result))
     return 1 if any(result.get("exit_codes", {}).values()) else 0
 

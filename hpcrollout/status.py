@@ -2,7 +2,9 @@
 
 `hpcrollout status RUN_DIR [--watch] [--json]`. The run directory is the truth (done markers, heartbeats,
 task records, jobs.json); sacct and squeue, where present, add what the scheduler knows (queued, requeued,
-cancelled, timed out). A shard is one of: pending, running, requeued, failed, done.
+cancelled, timed out). A shard is one of: pending, running, requeued, failed, done. In dynamic mode each
+unfinished shard also shows its claim (held / expired / released / abandoned, holder, lease expiry), read
+without writing anything into the run directory.
 """
 
 from __future__ import annotations
@@ -209,9 +211,9 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     manifest = rundir.manifest()
     try:
         config = rundir.load_config()
-        n, hb_every = config.sampling.n, config.checkpoint.heartbeat_seconds
+        n, hb_every, lease_s = config.sampling.n, config.checkpoint.heartbeat_seconds, config.sharding.lease_seconds
     except HpcRolloutError:
-        n, hb_every = 1, 30.0
+        n, hb_every, lease_s = 1, 30.0, 120.0
     num_tasks = int(manifest["num_tasks"])
     dynamic = manifest.get("mode") == "dynamic"
     jobs = latest_jobs(rundir)
@@ -259,6 +261,9 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         }
 
     done = rundir.done_shards()
+    claims = claim_states(rundir, [s["shard"] for s in manifest["shards"] if s["shard"] not in done], lease_s)
+    # dynamic mode: while any task is queued or running, a shard whose holder died is taken over, not failed
+    others_active = dynamic and any(t["slurm_state"] in ACTIVE_STATES for t in tasks.values())
     shards = []
     for s in manifest["shards"]:
         i = s["shard"]
@@ -270,7 +275,13 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
                 hb = read_json(rundir.heartbeat(i))
             except HpcRolloutError:
                 hb = {}
-        task = i % num_tasks if not dynamic else _dynamic_task(hb, job_task)
+        claim = claims.get(i)
+        if not dynamic:
+            task = i % num_tasks
+        elif claim and claim["state"] != "released" and (owner := _dynamic_task(claim, job_task)) is not None:
+            task = owner  # the claim names the current holder even before its first heartbeat
+        else:
+            task = _dynamic_task(hb, job_task)
         t = tasks.get(task) if task is not None else None
         entry: dict[str, Any] = {"shard": i, "task": task, "prompts_total": total, "job_id": t["job_id"] if t else None}
         if i in done:
@@ -288,6 +299,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
             )
         else:
             state = _shard_state(hb, t, now, hb_every, host)
+            if state == "failed" and others_active:
+                state = "pending"
             prompts = int(hb.get("prompts_done", 0)) if hb else 0
             entry.update(
                 state=state,
@@ -308,6 +321,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         if t:
             entry["requeues"] = t["requeues"]
             entry["retries"] = t["retries"]
+        if claim:
+            entry["claim"] = claim
         shards.append(entry)
 
     counts: dict[str, int] = {}
@@ -353,6 +368,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "eta_s": None if eta is None else round(eta, 1),
         "slowest": [e["shard"] for e in slowest],
         "failed": failures,
+        "claims": claim_summary(claims, len(shards) - len(done)) if dynamic else None,
         "complete": len(done) == len(shards),
         "resume_command": f"hpcrollout resume {rundir.root}",
     }
@@ -365,8 +381,31 @@ def _int(value: Any) -> int | None:
         return None
 
 
+def claim_states(rundir: RunDir, shards: list[int], lease_s: float) -> dict[int, dict[str, Any]]:
+    """Dynamic mode: the claim of each of these shards that has one (ClaimBoard.status; reads, never writes)."""
+    if not shards or not rundir.claims_dir.is_dir():
+        return {}
+    from hpcrollout.claims import ClaimBoard
+
+    # an explicit order: the board then reads no manifest; status() only stats and reads claim files
+    board = ClaimBoard(rundir, owner="status", order=shards, lease_s=lease_s)
+    out = {}
+    for shard, info in board.status().items():
+        info["expires_in"] = round(float(info["expires_in"]), 1)
+        out[shard] = info
+    return out
+
+
+def claim_summary(claims: dict[int, dict[str, Any]], pending: int) -> dict[str, Any]:
+    """Counts of the unfinished shards' claims by state, and how many were never claimed."""
+    counts: dict[str, int] = {}
+    for c in claims.values():
+        counts[c["state"]] = counts.get(c["state"], 0) + 1
+    return {"counts": counts, "unclaimed": pending - len(claims)}
+
+
 def _dynamic_task(hb: dict[str, Any], job_task: dict[str, int]) -> int | None:
-    """In dynamic mode a shard belongs to whichever task claimed it: the one its heartbeat names."""
+    """In dynamic mode a shard belongs to whichever task claimed it: the one its claim or heartbeat names."""
     if hb.get("slurm_array_job_id") is not None:
         return job_task.get(f"{hb['slurm_array_job_id']}_{hb.get('slurm_array_task_id')}")
     if hb.get("slurm_job_id") is not None:
@@ -444,9 +483,16 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
         lines.append("(no squeue/sacct here: states come from the run directory only)")
     elif not st["scheduler"]["sacct"]:
         lines.append("(no sacct here: finished or cancelled jobs are known only from the run directory)")
+    if any(t.get("job_id") for t in st["tasks"]):
+        lines.append("tasks: " + task_summary(st["tasks"]))
+    dynamic = st.get("claims") is not None
+    if dynamic:
+        lines.append("claims: " + claims_line(st))
     lines.append("")
+    claim_head = f" {'claim':<11} {'lease':>6} holder" if dynamic else ""
     lines.append(
         f"{'shard':>5} {'task':>4} {'job':>12} {'state':<9} {'prompts':>13} {'tok/s':>8} {'eta':>7} {'requeues':>8} {'retries':>7}"
+        + claim_head
     )
     rows = st["shards"]
     if len(rows) > MAX_TABLE_ROWS:  # big runs: the shards that need attention, not hundreds of done ones
@@ -461,6 +507,7 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
         task = "-" if e["task"] is None else str(e["task"])
         lines.append(
             f"{e['shard']:>5} {task:>4} {e.get('job_id') or '-':>12} {e['state']:<9} {prompts:>13} {tok:>8} {eta:>7} {e.get('requeues', 0):>8} {e.get('retries', 0):>7}"
+            + (claim_cells(e.get("claim")) if dynamic else "")
         )
     if len(st["shards"]) > MAX_TABLE_ROWS:
         lines.append(
@@ -493,6 +540,54 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
         lines.append("")
         lines.append(f"complete; merge with: hpcrollout merge {st['run_dir']} --output OUT.parquet")
     return "\n".join(lines)
+
+
+def id_ranges(xs: list[int]) -> str:
+    """Sorted ids as ranges: [0-3,6,8-9]."""
+    out, start = [], None
+    for i, x in enumerate(xs):
+        if start is None:
+            start = x
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return "[" + ",".join(out) + "]"
+
+
+def task_summary(tasks: list[dict[str, Any]]) -> str:
+    """Submitted tasks grouped by scheduler state, ids as ranges: '4 RUNNING [0-3], 4 PENDING [4-7]'."""
+    groups: dict[str, list[int]] = {}
+    for t in tasks:
+        if t.get("job_id"):
+            groups.setdefault(t["slurm_state"] or "unknown", []).append(t["task"])
+    rank = {"RUNNING": 0, "PENDING": 1, "COMPLETED": 3}
+    order = sorted(groups, key=lambda k: (rank.get(k, 2), k))
+    return ", ".join(f"{len(groups[k])} {k} {id_ranges(sorted(groups[k]))}" for k in order)
+
+
+def claims_line(st: dict[str, Any]) -> str:
+    """Dynamic mode: unfinished shards by claim state, and the expired claims (holder stopped renewing)."""
+    summary = st["claims"]
+    parts = [f"{v} {k}" for k, v in sorted(summary["counts"].items())]
+    parts.append(f"{summary['unclaimed']} not claimed yet")
+    text = ", ".join(parts) + " (of the unfinished shards)"
+    expired = [e for e in st["shards"] if e.get("claim", {}).get("state") == "expired"]
+    if expired:
+        shown = ", ".join(
+            f"{e['shard']} ({e['claim'].get('owner')}, {-e['claim']['expires_in']:.0f}s ago)" for e in expired[:5]
+        )
+        more = f" and {len(expired) - 5} more" if len(expired) > 5 else ""
+        text += f"\nexpired claims, taken over by the next task that claims: {shown}{more}"
+    return text
+
+
+def claim_cells(claim: dict[str, Any] | None) -> str:
+    """The claim columns of a shard row: state (/gN after a takeover), seconds to lease expiry, holder."""
+    if not claim:
+        return f" {'-':<11} {'-':>6} -"
+    state = claim["state"] + (f"/g{claim['generation']}" if claim.get("generation") else "")
+    lease = "-" if claim["state"] == "released" else f"{claim['expires_in']:+.0f}s"
+    return f" {state:<11} {lease:>6} {claim.get('owner') or '-'}"
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:

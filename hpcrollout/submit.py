@@ -5,6 +5,12 @@ submitit job array (`map_array`) of checkpointable tasks; with executor.type loc
 Submitting again with the same config, or `hpcrollout resume RUN_DIR`, submits only tasks that still have
 shards without a completion marker and are not queued or running already. Every submission is recorded in
 RUN_DIR/jobs.json, which `hpcrollout status` uses to ask sacct/squeue about the tasks.
+
+In dynamic mode (sharding.mode: dynamic) task ids are labels: tasks claim shards, so a submission tops the queued
+and running tasks up to executor.num_tasks (never more tasks than unfinished shards), giving new tasks the lowest
+ids not queued or running. `resume RUN_DIR --set executor.num_tasks=8` (or `--add-tasks 4`) while tasks 0-3
+run submits tasks 4-7, which join by claiming. In static mode a task owns shards s % num_tasks, so changing
+num_tasks while tasks of the old layout are queued or running is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from hpcrollout.config import RunConfig, load_config
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.rundir import RunDir, write_json_atomic
 from hpcrollout.slurm_task import SlurmTask
-from hpcrollout.status import active_tasks, jobs_path, read_jobs, submitit_folder
+from hpcrollout.status import active_tasks, id_ranges, jobs_path, read_jobs, submitit_folder
 
 log = logging.getLogger("hpcrollout")
 
@@ -92,15 +98,35 @@ def make_executor(rundir: RunDir, config: RunConfig):  # -> submitit.SlurmExecut
 
 
 # ---------------------------------------------------------------------------------------------- which tasks
-def tasks_with_pending_shards(rundir: RunDir) -> list[int]:
-    """Tasks (static assignment: shard s belongs to task s % num_tasks) that have a shard without a marker."""
+def is_dynamic(rundir: RunDir, config: RunConfig) -> bool:
+    """Tasks claim shards: the run was sharded for dynamic mode and its config still says so."""
+    return rundir.manifest().get("mode") == "dynamic" and config.sharding.mode == "dynamic"
+
+
+def dynamic_task_ids(num_tasks: int, pending: int, active: dict[int, str] | set[int]) -> list[int]:
+    """Dynamic mode: ids of the tasks to add so that num_tasks are queued or running (at most one per pending
+    shard); ids are labels, the lowest not queued or running (tasks 0-3 running, num_tasks 8: tasks 4-7)."""
+    ids: list[int] = []
+    want = min(num_tasks, pending) - len(active)
+    task = 0
+    while len(ids) < want:
+        if task not in active:
+            ids.append(task)
+        task += 1
+    return ids
+
+
+def tasks_with_pending_shards(rundir: RunDir, active: dict[int, str] | None = None) -> list[int]:
+    """Tasks to submit: static, those owning a shard without a marker (shard s belongs to task s % num_tasks)
+    and not active; dynamic, new labels topping the active tasks up to num_tasks (dynamic_task_ids)."""
     manifest = rundir.manifest()
+    active = active or {}
     num_tasks = int(manifest["num_tasks"])
     done = rundir.done_shards()
     pending = [s["shard"] for s in manifest["shards"] if s["shard"] not in done]
-    if manifest.get("mode") == "dynamic":  # tasks claim shards: enough tasks for what is left
-        return list(range(min(num_tasks, len(pending))))
-    return sorted({s % num_tasks for s in pending})
+    if manifest.get("mode") == "dynamic":
+        return dynamic_task_ids(num_tasks, len(pending), active)
+    return sorted({s % num_tasks for s in pending} - set(active))
 
 
 def shards_of_task(manifest: dict[str, Any], task_id: int) -> list[int]:
@@ -108,13 +134,13 @@ def shards_of_task(manifest: dict[str, Any], task_id: int) -> list[int]:
     return [s["shard"] for s in manifest["shards"] if s["shard"] % num_tasks == task_id]
 
 
-def _check_task_layout(rundir: RunDir, active: dict[int, str]) -> None:
-    """Refuse to change the number of tasks while tasks of the old layout still run: they would share shards."""
+def _check_task_layout(rundir: RunDir, active: dict[int, str], now: int) -> None:
+    """Static mode: refuse to change the number of tasks (to now) while tasks of the old layout still run:
+    they would share shards. Checked before the run directory is reopened, so the manifest keeps its layout."""
     jobs = read_jobs(rundir)
     if not active or not jobs["submissions"]:
         return
     last = jobs["submissions"][-1].get("num_tasks")
-    now = rundir.manifest()["num_tasks"]
     if last is not None and last != now:
         raise HpcRolloutError(
             f"executor.num_tasks changed from {last} to {now} while tasks of {rundir.root} are still queued or "
@@ -130,30 +156,62 @@ def record_submission(rundir: RunDir, entry: dict[str, Any]) -> None:
     write_json_atomic(jobs_path(rundir), jobs)
 
 
+def add_tasks_to(config: RunConfig, rundir: RunDir, add_tasks: int, active: dict[int, str]) -> None:
+    """--add-tasks N: N more tasks than are queued or running now (dynamic mode, SLURM) become executor.num_tasks."""
+    if add_tasks < 1:
+        raise HpcRolloutError(f"--add-tasks must be at least 1, got {add_tasks}")
+    if not rundir.exists():
+        raise HpcRolloutError(
+            f"--add-tasks adds tasks to an existing run, but {rundir.root} has no run yet; submit it first"
+        )
+    if config.executor.type != "slurm":
+        raise HpcRolloutError(
+            "--add-tasks needs executor.type slurm (local tasks run inside the submitting command; start another "
+            f"worker beside them: python -m hpcrollout.worker {rundir.root} --task N)"
+        )
+    if not is_dynamic(rundir, config):
+        raise HpcRolloutError(
+            f"--add-tasks needs sharding.mode dynamic, but {rundir.root} is static (task i owns shards i, i+N, ...); "
+            "change executor.num_tasks once no task of the run is queued or running"
+        )
+    config.executor.num_tasks = len(active) + add_tasks
+
+
 def submit_run(
-    config: RunConfig, *, force: bool = False, command: str = "submit", tasks: list[int] | None = None
+    config: RunConfig,
+    *,
+    force: bool = False,
+    command: str = "submit",
+    tasks: list[int] | None = None,
+    add_tasks: int | None = None,
 ) -> dict[str, Any]:
-    """Prepare or reopen the run directory and launch its unfinished tasks; returns what was submitted."""
+    """Prepare or reopen the run directory and launch its unfinished tasks; returns what was submitted.
+
+    add_tasks (dynamic mode): submit that many tasks beside the queued and running ones, which they join.
+    """
     from hpcrollout.shard import prepare_run
 
     config.require("run_dir")
     rundir = RunDir(config.run_dir)
     with rundir.lock(command):
+        active: dict[int, str] = {}
+        if config.executor.type == "slurm" and rundir.exists():
+            active = active_tasks(rundir)
+        if add_tasks is not None:
+            add_tasks_to(config, rundir, add_tasks, active)
+        if active and not is_dynamic(rundir, config):
+            _check_task_layout(rundir, active, config.executor.num_tasks)
         rundir = prepare_run(config, force=force)
-        wanted = tasks_with_pending_shards(rundir)
+        wanted = tasks_with_pending_shards(rundir, active)
         if tasks is not None:
             wanted = [t for t in wanted if t in set(tasks)]
         result: dict[str, Any] = {
             "run_dir": str(rundir.root),
             "executor": config.executor.type,
+            "mode": rundir.manifest().get("mode", "static"),
             "tasks": [],
-            "active": {},
+            "active": active,
         }
-        if config.executor.type == "slurm":
-            active = active_tasks(rundir)
-            _check_task_layout(rundir, active)
-            result["active"] = active
-            wanted = [t for t in wanted if t not in active]
         if not wanted:
             return result
         result["tasks"] = wanted
@@ -207,27 +265,32 @@ def submit_run(
 
 
 # ---------------------------------------------------------------------------------------------- dry run
-def dry_run(config: RunConfig, *, force: bool = False, out=None) -> str:
+def dry_run(config: RunConfig, *, force: bool = False, out=None, add_tasks: int | None = None) -> str:
     """What submit would do, as text: shards, tasks, resources and the sbatch script. Writes nothing."""
     config.require("run_dir", "data.input", "model.path")
+    config = config.model_copy(deep=True)  # --add-tasks sets executor.num_tasks: not on the caller's config
     rundir = RunDir(config.run_dir)
     lines = ["dry run: nothing is written or submitted"]
+    active = active_tasks(rundir) if rundir.exists() and config.executor.type == "slurm" else {}
+    if add_tasks is not None:
+        add_tasks_to(config, rundir, add_tasks, active)
+    num_tasks = config.executor.num_tasks
     if rundir.exists():
         manifest = _reopen_check(rundir, config, force)
+        dynamic = is_dynamic(rundir, config)
+        if active and not dynamic:
+            _check_task_layout(rundir, active, num_tasks)
         shards, done = manifest["shards"], rundir.done_shards()
-        num_tasks = config.executor.num_tasks
         lines.append(f"run dir: {rundir.root} (exists: {len(done)} of {len(shards)} shards done)")
     else:
+        dynamic = config.sharding.mode == "dynamic"
         shards, done = _plan_shards(config), set()
-        num_tasks = config.executor.num_tasks
         lines.append(f"run dir: {rundir.root} (new: would be created and sharded)")
     pending = [s for s in shards if s["shard"] not in done]
-    if config.sharding.mode == "dynamic":
-        tasks = list(range(min(num_tasks, len(pending))))
+    if dynamic:
+        tasks = dynamic_task_ids(num_tasks, len(pending), active)
     else:
-        tasks = sorted({s["shard"] % num_tasks for s in pending})
-    active = active_tasks(rundir) if rundir.exists() and config.executor.type == "slurm" else {}
-    tasks = [t for t in tasks if t not in active]
+        tasks = sorted({s["shard"] % num_tasks for s in pending} - set(active))
     total = sum(s["rows"][1] - s["rows"][0] for s in shards)
     lines.append(
         f"input: {config.data.input} ({total} prompts x n={config.sampling.n}); model: {config.model.path}; backend: {config.backend}"
@@ -237,14 +300,15 @@ def dry_run(config: RunConfig, *, force: bool = False, out=None) -> str:
     for s in shards:
         a, b = s["rows"]
         state = "done" if s["shard"] in done else "to run"
-        task = s["shard"] % num_tasks if config.sharding.mode == "static" else "-"
+        task = s["shard"] % num_tasks if not dynamic else "-"
         lines.append(f"  {s['shard']:>5} {f'{a}-{b}':>17} {b - a:>8} {s.get('est_work', 0):>10.0f} {task:>5} {state}")
-    for task, job in sorted(active.items()):
-        lines.append(f"task {task} is queued or running as job {job}: would not be resubmitted")
+    lines += active_lines(active, "would not be resubmitted")
+    if dynamic and active and tasks:
+        lines.append(f"dynamic mode: the new tasks join the {len(active)} queued or running one(s) by claiming shards")
     if not tasks:
         lines.append("nothing to submit" + ("" if active else ": every shard is done"))
         return "\n".join(lines)
-    lines.append(f"would submit: {len(tasks)} task(s) {_ranges(tasks)} via executor {config.executor.type}")
+    lines.append(f"would submit: {len(tasks)} task(s) {id_ranges(tasks)} via executor {config.executor.type}")
     if config.executor.type == "local":
         lines.append(f"local: {config.executor.local_parallelism} task(s) at once on this machine")
         return "\n".join(lines)
@@ -257,17 +321,6 @@ def dry_run(config: RunConfig, *, force: bool = False, out=None) -> str:
     lines.append("sbatch script:")
     lines.append(sbatch_script(rundir, config, len(tasks)))
     return "\n".join(lines)
-
-
-def _ranges(xs: list[int]) -> str:
-    out, start = [], None
-    for i, x in enumerate(xs):
-        if start is None:
-            start = x
-        if i + 1 == len(xs) or xs[i + 1] != x + 1:
-            out.append(str(start) if start == x else f"{start}-{x}")
-            start = None
-    return "[" + ",".join(out) + "]"
 
 
 def _plan_shards(config: RunConfig) -> list[dict[str, Any]]:
@@ -297,12 +350,25 @@ def _reopen_check(rundir: RunDir, config: RunConfig, force: bool) -> dict[str, A
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def active_lines(active: dict[int, str], what: str, limit: int = 8) -> list[str]:
+    """The queued or running tasks, one line each, or one line per array job when there are many."""
+    if len(active) <= limit:
+        return [
+            f"task {task} is already queued or running as job {job}: {what}" for task, job in sorted(active.items())
+        ]
+    arrays: dict[str, list[int]] = {}
+    for task, job in sorted(active.items()):
+        arrays.setdefault(job.split("_")[0], []).append(task)
+    return [
+        f"{len(tasks)} tasks {id_ranges(tasks)} are already queued or running in array job {array}: {what}"
+        for array, tasks in sorted(arrays.items())
+    ]
+
+
 def report(result: dict[str, Any]) -> str:
     """One paragraph saying what a submission did and what to run next."""
     run_dir = result["run_dir"]
-    lines = []
-    for task, job in sorted(result.get("active", {}).items()):
-        lines.append(f"task {task} is already queued or running as job {job}: not resubmitted")
+    lines = active_lines(result.get("active", {}), "not resubmitted")
     if not result["tasks"]:
         if result.get("active"):
             lines.append(f"nothing new to submit; follow it with: hpcrollout status {run_dir} --watch")
@@ -312,8 +378,10 @@ def report(result: dict[str, Any]) -> str:
             )
     elif result["executor"] == "slurm":
         lines.append(
-            f"submitted array job {result['job_id']}: {len(result['tasks'])} task(s) {_ranges(result['tasks'])}"
+            f"submitted array job {result['job_id']}: {len(result['tasks'])} task(s) {id_ranges(result['tasks'])}"
         )
+        if result.get("mode") == "dynamic" and result.get("active"):
+            lines.append(f"they join the {len(result['active'])} queued or running task(s) by claiming shards")
         lines.append(f"follow it with: hpcrollout status {run_dir} --watch")
     else:
         failed = {t: c for t, c in result.get("exit_codes", {}).items() if c}
@@ -339,14 +407,21 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force", action="store_true", help="reopen a run directory despite changed generation settings"
     )
+    parser.add_argument(
+        "--add-tasks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="dynamic mode: submit N tasks beside the queued and running ones; they join by claiming shards",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.dry_run:
-        print(dry_run(config, force=args.force))
+        print(dry_run(config, force=args.force, add_tasks=args.add_tasks))
         return 0
-    result = submit_run(config, force=args.force)
+    result = submit_run(config, force=args.force, add_tasks=args.add_tasks)
     print(report(result))
     return 1 if any(result.get("exit_codes", {}).values()) else 0
 
