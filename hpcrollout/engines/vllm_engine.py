@@ -254,7 +254,15 @@ class VllmEngine(Engine):
 
         self._vllm_version = vllm.__version__
         self._SamplingParams = SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
         config.require("model.path")
+        # FINAL_ONLY: one output per prompt, once all its n samples are done (what LLM.generate asks for too).
+        self.base_sampling = dict(sampling_kwargs(config), output_kind=RequestOutputKind.FINAL_ONLY)
+        try:  # vLLM's own validation, before a minute of engine start, with the config's names in the message
+            SamplingParams(**self.base_sampling)
+        except (ValueError, TypeError) as exc:
+            raise HpcRolloutError(f"sampling: vLLM rejects these settings: {exc}") from None
         self.kwargs = llm_kwargs(config)
         self.cache: dict[str, Any] = {}
         started = time.monotonic()
@@ -278,14 +286,6 @@ class VllmEngine(Engine):
         self.max_model_len = int(self.engine.model_config.max_model_len)
         self.max_num_seqs = int(self.engine.vllm_config.scheduler_config.max_num_seqs)
         self.renderer = PromptRenderer(config, tokenizer=llm.get_tokenizer())
-        from vllm.sampling_params import RequestOutputKind
-
-        # FINAL_ONLY: one output per prompt, once all its n samples are done (what LLM.generate asks for too).
-        self.base_sampling = dict(sampling_kwargs(config), output_kind=RequestOutputKind.FINAL_ONLY)
-        try:  # vLLM's own validation, once, with the config's names in the message
-            SamplingParams(**self.base_sampling)
-        except (ValueError, TypeError) as exc:
-            raise HpcRolloutError(f"sampling: vLLM rejects these settings: {exc}") from None
         # Benchmarks (and callers with per-row lengths) may override SamplingParams fields per request.
         self.per_request_sampling: Callable[[PromptRequest], dict[str, Any]] | None = None
         self._ids = itertools.count()
