@@ -76,7 +76,7 @@ def build_config(args: argparse.Namespace, model_dir: Path, run_dir: Path, input
     tree = {
         "run_dir": str(run_dir),
         "backend": "vllm",
-        "data": {"input": str(input_path), "id_column": "id"},
+        "data": {"input": str(input_path), "id_column": "id", "max_tokens_column": "max_tokens"},
         "model": {"path": str(model_dir)},
         "engine": engine,
         "sampling": {
@@ -169,19 +169,15 @@ class PartWatcher:
         self.thread.join()
 
 
-def way_hpcrollout(engine: Any, args: argparse.Namespace, config: Any, lengths: list[int]) -> dict[str, Any]:
+def way_hpcrollout(engine: Any, args: argparse.Namespace, config: Any) -> dict[str, Any]:
     from hpcrollout.shard import prepare_run
     from hpcrollout.worker import run_shard
 
-    rundir = prepare_run(config)
-    engine.per_request_sampling = lambda req: {"max_tokens": lengths[req.row]}
+    rundir = prepare_run(config)  # the input's max_tokens column gives each prompt its length
     tokenize_before = engine.renderer.tokenize_s
     started = time.perf_counter()
-    try:
-        with PartWatcher(rundir.parts_dir(0), started) as watcher:
-            result = run_shard(rundir, 0, engine, config)
-    finally:
-        engine.per_request_sampling = None
+    with PartWatcher(rundir.parts_dir(0), started) as watcher:
+        result = run_shard(rundir, 0, engine, config)
     wall = time.perf_counter() - started
     if result.get("state") != "done":
         raise RuntimeError(f"the shard did not finish: {result}")
@@ -211,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lengths = output_lengths(args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     input_path = work / f"prompts-{stamp}.parquet"
-    pq.write_table(pa.table({"id": ids, "prompt": prompts}), input_path)
+    pq.write_table(pa.table({"id": ids, "prompt": prompts, "max_tokens": lengths}), input_path)
 
     config = build_config(args, model_dir, work / f"run-{stamp}", input_path)
     engine = VllmEngine(config)

@@ -28,7 +28,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -286,8 +286,6 @@ class VllmEngine(Engine):
         self.max_model_len = int(self.engine.model_config.max_model_len)
         self.max_num_seqs = int(self.engine.vllm_config.scheduler_config.max_num_seqs)
         self.renderer = PromptRenderer(config, tokenizer=llm.get_tokenizer())
-        # Benchmarks (and callers with per-row lengths) may override SamplingParams fields per request.
-        self.per_request_sampling: Callable[[PromptRequest], dict[str, Any]] | None = None
         self._ids = itertools.count()
         self.window = max(_WINDOW_PROMPTS, -(-4 * self.max_num_seqs // config.sampling.n))
         log.info(
@@ -338,8 +336,8 @@ class VllmEngine(Engine):
     # requests -> vLLM
     def _params(self, request: PromptRequest) -> Any:
         fields = dict(self.base_sampling, seed=request.seed)
-        if self.per_request_sampling is not None:
-            fields.update(self.per_request_sampling(request))
+        if request.max_tokens is not None:  # data.max_tokens_column: this prompt's own budget
+            fields["max_tokens"] = request.max_tokens
         return self._SamplingParams(**fields)
 
     def _submit(
