@@ -3,6 +3,7 @@ templates, rejected prompts as error rows, optional outputs, bounded backlog. Ne
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -42,6 +43,13 @@ def test_n_samples_per_prompt_with_recorded_seeds(engine_for):
         assert {s.finish_reason for s in res.samples} == {"length"}
         assert res.prompt_tokens == len(reference_ids(engine, req))
         assert len({s.text for s in res.samples}) > 1  # n different samples, not one repeated
+
+
+def test_per_prompt_max_tokens_overrides_the_sampling_setting(engine_for):
+    engine = engine_for()  # sampling.max_tokens 16, ignore_eos: every sample runs to its budget
+    requests = [dataclasses.replace(chat_request(i), max_tokens=m) for i, m in enumerate([3, 16, 7])]
+    results = by_row(engine.generate(requests + [chat_request(3)]))
+    assert [[s.num_tokens for s in results[i].samples] for i in range(4)] == [[3] * 4, [16] * 4, [7] * 4, [16] * 4]
 
 
 def test_same_seed_same_samples_whatever_the_batch_and_after_a_stop(engine_for):
