@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,13 +38,20 @@ def run_local(
             while queue and len(running) < max(1, parallelism):
                 task = queue.pop(0)
                 logf = open(rundir.logs_dir / f"local-task-{task}.log", "ab")
+                # Own session: when the task ends, whatever it left behind (vLLM's engine-core process, holding
+                # GPU memory) is killed with its process group, as SLURM's cgroup does on a cluster.
                 proc = subprocess.Popen(
-                    worker_command(rundir.root, task), stdout=logf, stderr=subprocess.STDOUT, env=child_env
+                    worker_command(rundir.root, task),
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    env=child_env,
+                    start_new_session=True,
                 )
                 running[task] = (proc, logf)
                 log.info("task %d started (pid %d, log %s)", task, proc.pid, logf.name)
             for task, (proc, logf) in list(running.items()):
                 if proc.poll() is not None:
+                    _kill_group(proc)
                     logf.close()
                     codes[task] = proc.returncode
                     del running[task]
@@ -54,9 +62,21 @@ def run_local(
             time.sleep(0.2)
     finally:
         for proc, logf in running.values():
-            proc.terminate()
+            _kill_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            _kill_group(proc)
             logf.close()
     return codes
+
+
+def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def log_tail(path: str | Path, lines: int = 20) -> str:

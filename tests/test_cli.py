@@ -75,3 +75,29 @@ def test_demo_runs_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     merged = pq.read_table(tmp_path / "demo" / "merged.parquet")
     assert merged.num_rows == 8 and {"topic", "difficulty", "responses"} <= set(merged.column_names)
+
+
+def test_local_tasks_leave_no_orphans(tmp_path):
+    """A task's leftover child processes (vLLM's engine core) die with it."""
+    import time
+
+    from hpcrollout.local import _kill_group
+
+    proc = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+                             "print(p.pid, flush=True)"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    orphan = int(proc.stdout.readline())
+    proc.wait()
+    _kill_group(proc)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(orphan, 0)
+            with open(f"/proc/{orphan}/stat") as f:
+                if f.read().split()[2] == "Z":
+                    break
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the orphaned child survived")
