@@ -486,20 +486,25 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
     if any(t.get("job_id") for t in st["tasks"]):
         lines.append("tasks: " + task_summary(st["tasks"]))
     dynamic = st.get("claims") is not None
-    if dynamic:
+    if dynamic and not st["complete"]:
         lines.append("claims: " + claims_line(st))
     lines.append("")
     claim_head = f" {'claim':<11} {'lease':>6} holder" if dynamic else ""
-    lines.append(
-        f"{'shard':>5} {'task':>4} {'job':>12} {'state':<9} {'prompts':>13} {'tok/s':>8} {'eta':>7} {'requeues':>8} {'retries':>7}"
-        + claim_head
-    )
     rows = st["shards"]
-    if len(rows) > MAX_TABLE_ROWS:  # big runs: the shards that need attention, not hundreds of done ones
+    big = len(rows) > MAX_TABLE_ROWS
+    if big:  # big runs: the shards that need attention, not hundreds of done ones
         rank = {"failed": 0, "running": 1, "requeued": 2, "pending": 3}
-        rows = sorted((e for e in rows if e["state"] != "done"), key=lambda e: (rank.get(e["state"], 4), e["shard"]))
-        hidden = len(st["shards"]) - min(len(rows), MAX_TABLE_ROWS)
+        rows = [e for e in rows if e["state"] != "done"]
+        if dynamic:  # never-claimed units are counted on the claims line
+            rows = [e for e in rows if e["state"] != "pending" or e.get("claim")]
+        rows = sorted(rows, key=lambda e: (rank.get(e["state"], 4), e["shard"]))
+        left_out = len(rows) - min(len(rows), MAX_TABLE_ROWS)
         rows = rows[:MAX_TABLE_ROWS]
+    if rows:
+        lines.append(
+            f"{'shard':>5} {'task':>4} {'job':>12} {'state':<9} {'prompts':>13} {'tok/s':>8} {'eta':>7} {'requeues':>8} {'retries':>7}"
+            + claim_head
+        )
     for e in rows:
         prompts = f"{e['prompts_done']}/{e['prompts_total']}"
         tok = f"{e['tokens_per_s']:.1f}" if "tokens_per_s" in e else "-"
@@ -509,10 +514,14 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
             f"{e['shard']:>5} {task:>4} {e.get('job_id') or '-':>12} {e['state']:<9} {prompts:>13} {tok:>8} {eta:>7} {e.get('requeues', 0):>8} {e.get('retries', 0):>7}"
             + (claim_cells(e.get("claim")) if dynamic else "")
         )
-    if len(st["shards"]) > MAX_TABLE_ROWS:
-        lines.append(
-            f"({hidden} more shards not listed: done ones, and any past the first {MAX_TABLE_ROWS}; --json lists all)"
-        )
+    if big:
+        done = st["counts"].get("done", 0)
+        unlisted = [f"{done} done"] if done else []
+        if dynamic and st["claims"] and st["claims"]["unclaimed"]:
+            unlisted.append(f"{st['claims']['unclaimed']} not claimed yet")
+        if left_out:
+            unlisted.append(f"{left_out} past the first {MAX_TABLE_ROWS}")
+        lines.append(f"(not listed: {', '.join(unlisted)}; --json lists all)")
     if st["slowest"]:
         lines.append("")
         lines.append(

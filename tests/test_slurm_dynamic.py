@@ -11,7 +11,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from hpcrollout import resume
+from hpcrollout import resume, status
 from hpcrollout.claims import ClaimBoard
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.merge import merge_run
@@ -60,7 +60,7 @@ def test_dynamic_task_ids_are_labels_topping_up_to_num_tasks():
     assert dynamic_task_ids(2, 100, {0: "1_0", 1: "1_1", 2: "2"}) == []
 
 
-def test_status_shows_claims_and_writes_nothing(tiny_model, tmp_path):
+def test_status_shows_claims_and_writes_nothing(tiny_model, tmp_path, monkeypatch):
     """held, expired and released claims in status (JSON and text), with the run directory left untouched."""
     inp = write_input(tmp_path / "in.parquet", make_prompts(12))
     config = make_config(tmp_path, tiny_model, inp, sharding={"mode": "dynamic", "num_shards": 4, "lease_seconds": 60})
@@ -87,6 +87,12 @@ def test_status_shows_claims_and_writes_nothing(tiny_model, tmp_path):
     assert "claims: 1 expired, 1 held, 1 released, 1 not claimed yet" in text
     assert f"{expired.shard} (nodeB:202:7_1, " in text and "nodeA:101:7_0" in text
     assert _snapshot(rundir.root) == before  # status reads claims without writing anything
+
+    # a big run lists the claimed units only; the never-claimed ones are counted
+    monkeypatch.setattr(status, "MAX_TABLE_ROWS", 2)
+    rows = [ln.split()[0] for ln in format_status(st).splitlines() if ln[:5].strip().isdigit()]
+    assert len(rows) == 2 and set(rows) <= {str(c.shard) for c in (held, expired, done_with)}
+    assert "(not listed: 1 not claimed yet, 1 past the first 2; --json lists all)" in format_status(st)
 
 
 @pytest.mark.slurm
