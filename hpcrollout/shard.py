@@ -310,6 +310,10 @@ def _reopen(rundir: RunDir, config: RunConfig, force: bool) -> RunDir:
         old_input = manifest["input"]
         if any(new_input[k] != old_input.get(k) for k in ("size", "num_rows", "schema", "sha256_head_footer")):
             changes.append(f"input file ({config.data.input} differs from the one sharded: {old_input['path']})")
+    old_mode = manifest.get("mode", "static")
+    if old_mode != config.sharding.mode:
+        # Tasks of the old mode may still run: static ones own shards i, i+N, ...; dynamic ones claim any.
+        changes.append(f"sharding.mode ({old_mode} -> {config.sharding.mode}; make sure no task of this run is running)")
     if changes and not force:
         old = rundir.load_config()
         detail = _config_diff(old, config)
@@ -322,6 +326,7 @@ def _reopen(rundir: RunDir, config: RunConfig, force: bool) -> RunDir:
     if changes:
         log.warning("continuing %s despite changed %s (--force)", rundir.root, ", ".join(changes))
         manifest["generation"] = config.generation_fingerprint()
+        manifest["mode"] = config.sharding.mode
         manifest.setdefault("forced", []).append({"time": time.time(), "changes": changes})
     # Resource settings (tasks, SLURM, checkpointing) may change freely between submissions.
     manifest["num_tasks"] = config.executor.num_tasks

@@ -91,3 +91,12 @@ def test_dynamic_mode_plans_shrinking_units():
     assert ranges[0][0] == 0 and ranges[-1][1] == 10_000 and all(x[1] == y[0] for x, y in zip(ranges, ranges[1:]))
     assert 40 <= len(ranges) <= 80 and sizes[0] > 10 * sizes[-1]
     assert all(a >= b - 1 for a, b in zip(sizes, sizes[1:]))  # non-increasing (up to rounding)
+
+
+def test_reopen_refuses_a_sharding_mode_change_without_force(tmp_path, tiny_model):
+    inp = write_input(tmp_path / "in.parquet", make_prompts(5))
+    prepare_run(make_config(tmp_path, tiny_model, inp))
+    with pytest.raises(HpcRolloutError, match=r"sharding.mode \(static -> dynamic"):
+        prepare_run(make_config(tmp_path, tiny_model, inp, sharding={"mode": "dynamic"}))
+    rundir = prepare_run(make_config(tmp_path, tiny_model, inp, sharding={"mode": "dynamic"}), force=True)
+    assert rundir.manifest()["mode"] == "dynamic"
