@@ -302,7 +302,8 @@ def prepare_run(config: RunConfig, *, force: bool = False) -> RunDir:
     return rundir
 
 
-def _reopen(rundir: RunDir, config: RunConfig, force: bool) -> RunDir:
+def reopen_changes(rundir: RunDir, config: RunConfig) -> list[str]:
+    """What differs between a run directory and this config in ways that decide the samples or the shards."""
     manifest = rundir.manifest()
     changes = [f"{k} settings" for k in fingerprint_changes(manifest["generation"], config.generation_fingerprint())]
     if config.data.input and Path(config.data.input).exists():
@@ -314,15 +315,25 @@ def _reopen(rundir: RunDir, config: RunConfig, force: bool) -> RunDir:
     if old_mode != config.sharding.mode:
         # Tasks of the old mode may still run: static ones own shards i, i+N, ...; dynamic ones claim any.
         changes.append(f"sharding.mode ({old_mode} -> {config.sharding.mode}; make sure no task of this run is running)")
+    return changes
+
+
+def refuse_changes(rundir: RunDir, config: RunConfig, changes: list[str]) -> None:
+    old = rundir.load_config()
+    detail = _config_diff(old, config)
+    raise HpcRolloutError(
+        f"{rundir.root} was started with different settings; changed: {'; '.join(changes)}"
+        + (f"\n  {detail}" if detail else "")
+        + "\nResuming would mix samples from two configurations. Use a new run_dir, "
+        "or pass --force to continue anyway (already finished shards are kept as they are)."
+    )
+
+
+def _reopen(rundir: RunDir, config: RunConfig, force: bool) -> RunDir:
+    manifest = rundir.manifest()
+    changes = reopen_changes(rundir, config)
     if changes and not force:
-        old = rundir.load_config()
-        detail = _config_diff(old, config)
-        raise HpcRolloutError(
-            f"{rundir.root} was started with different settings; changed: {'; '.join(changes)}"
-            + (f"\n  {detail}" if detail else "")
-            + "\nResuming would mix samples from two configurations. Use a new run_dir, "
-            "or pass --force to continue anyway (already finished shards are kept as they are)."
-        )
+        refuse_changes(rundir, config, changes)
     if changes:
         log.warning("continuing %s despite changed %s (--force)", rundir.root, ", ".join(changes))
         manifest["generation"] = config.generation_fingerprint()

@@ -21,7 +21,6 @@ import os
 import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from hpcrollout.config import RunConfig, load_config
@@ -336,16 +335,9 @@ def _reopen_check(rundir: RunDir, config: RunConfig, force: bool) -> dict[str, A
     from hpcrollout import shard
 
     manifest = rundir.manifest()
-    changes = shard.fingerprint_changes(manifest["generation"], config.generation_fingerprint())
-    if config.data.input and Path(config.data.input).exists():
-        new, old = shard.input_fingerprint(config.data.input), manifest["input"]
-        if any(new[k] != old.get(k) for k in ("size", "num_rows", "schema", "sha256_head_footer")):
-            changes.append("input file")
+    changes = shard.reopen_changes(rundir, config)
     if changes and not force:
-        raise HpcRolloutError(
-            f"{rundir.root} was started with different settings; changed: {', '.join(changes)}; "
-            "submit would refuse (use a new run_dir, or --force)"
-        )
+        shard.refuse_changes(rundir, config, changes)
     return manifest
 
 
