@@ -78,14 +78,3 @@ def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     except (ProcessLookupError, PermissionError):
         pass
 
-
-def log_tail(path: str | Path, lines: int = 20) -> str:
-    """The last lines of a log file (for error messages and status)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 65536))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
