@@ -10,8 +10,11 @@ after a crash and it continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +83,22 @@ def check_backend(config: RunConfig) -> None:
         )
 
 
+@contextlib.contextmanager
+def progress_bar(rundir: RunDir) -> Iterator[Callable[[Any], None] | None]:
+    """A progress bar on a terminal; elsewhere (SLURM, CI, files) the worker's periodic log lines suffice."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    manifest = rundir.manifest()
+    done = sum(s["prompts"] for s in manifest["shards"] if rundir.is_done(s["shard"]))
+    with tqdm(total=manifest["num_rows"], initial=done, unit="prompt", dynamic_ncols=True) as bar, \
+            logging_redirect_tqdm(loggers=[log]):
+        yield lambda result: bar.update(1)
+
+
 def run(config: RunConfig, output: str | Path | None, *, force: bool = False) -> dict[str, Any]:
     """Prepare (or reopen) the run directory, run every task here, merge into output."""
     check_backend(config)
@@ -88,7 +107,8 @@ def run(config: RunConfig, output: str | Path | None, *, force: bool = False) ->
         prepare_run(config, force=force)
         tasks = list(range(config.executor.num_tasks))
         if len(tasks) == 1:
-            run_task(rundir.root, 0)
+            with progress_bar(rundir) as on_result:
+                run_task(rundir.root, 0, on_result=on_result)
         else:
             codes = run_local(rundir.root, tasks, config.executor.local_parallelism)
             failed = sorted(t for t, c in codes.items() if c)

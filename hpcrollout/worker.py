@@ -326,8 +326,12 @@ class TaskRunner:
     thread, so compaction never idles the GPU.
     """
 
-    def __init__(self, rundir: RunDir, config: RunConfig, engine: Engine, source: ShardSource) -> None:
+    def __init__(
+        self, rundir: RunDir, config: RunConfig, engine: Engine, source: ShardSource,
+        on_result: Callable[[PromptResult], None] | None = None,
+    ) -> None:
         self.rundir, self.config, self.engine, self.source = rundir, config, engine, source
+        self.on_result = on_result
         self.runs: dict[int, ShardRun] = {}
         self.results: list[dict[str, Any]] = []
         self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish-shard")
@@ -395,6 +399,8 @@ class TaskRunner:
                     for result in results:
                         run = self._owner(result.row)
                         run.add(result)
+                        if self.on_result is not None:
+                            self.on_result(result)
                         run.commit()
                         run.heartbeat()
                         if run.complete():
@@ -445,7 +451,7 @@ def task_shards(rundir: RunDir, task_id: int, num_tasks: int | None = None) -> l
 
 def run_task(
     run_dir: str | Path, task_id: int, *, shards: list[int] | None = None, num_tasks: int | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: Callable[[], bool] | None = None, on_result: Callable[[PromptResult], None] | None = None,
 ) -> dict[str, Any]:
     """What one array task does: its shards (static) or claimed shards (dynamic), through one engine.
 
@@ -474,7 +480,7 @@ def run_task(
     try:
         with create_engine(config) as engine:
             log.info("task %d: engine ready: %s", task_id, engine.describe())
-            summary["results"] = TaskRunner(rundir, config, engine, source).run(should_stop)
+            summary["results"] = TaskRunner(rundir, config, engine, source, on_result).run(should_stop)
     finally:
         source.release_all()
     summary["shards"] = [r["shard"] for r in summary["results"]]
