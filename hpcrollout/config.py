@@ -21,7 +21,7 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """What to read."""
 
-    input: str | None = Field(None, description="Input Parquet file with a prompt column.")
+    input: str | None = Field(None, description="A Parquet file, a directory of them, or a glob (files read in name order).")
     prompt_column: str = Field("prompt", description="Column holding a list of {role, content} messages, or a string.")
     id_column: str | None = Field(
         None, description="Column with a unique id per row; otherwise ids derive from content and position."

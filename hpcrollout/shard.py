@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import hashlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,34 +40,76 @@ CHARS_PER_TOKEN = 4.0  # estimate only: balancing needs relative sizes, not exac
 READ_BATCH_ROWS = 8192
 
 
-def open_input(path: str | Path) -> pq.ParquetFile:
-    """Open the input Parquet file, with errors that name it."""
-    path = Path(path)
+def input_files(spec: str | Path) -> list[Path]:
+    """data.input: one Parquet file, a directory of them (recursively), or a glob pattern; in name order."""
+    text = str(spec)
+    if any(c in text for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not files:
+            raise HpcRolloutError(f"input {text} matches no file")
+        return files
+    path = Path(text)
     if not path.exists():
         raise HpcRolloutError(f"input {path} does not exist")
     if path.is_dir():
-        raise HpcRolloutError(f"input {path} is a directory; give one Parquet file (data.input)")
-    try:
-        return pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise HpcRolloutError(f"input {path} is not a readable Parquet file: {exc}") from None
+        files = sorted(p for p in path.rglob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
+        if not files:
+            raise HpcRolloutError(f"input {path} is a directory with no .parquet files in it")
+        return files
+    return [path]
 
 
-def input_fingerprint(path: str | Path) -> dict[str, Any]:
-    """Size, row count, schema and a hash of the file's head and footer: cheap, and changes when the data does."""
-    path = Path(path)
-    pf = open_input(path)
-    size = path.stat().st_size
+class InputFiles:
+    """One logical input over one or more Parquet files of one schema, read in order, batch by batch."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+        self.parts: list[pq.ParquetFile] = []
+        for path in files:
+            try:
+                self.parts.append(pq.ParquetFile(path, pre_buffer=False))
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise HpcRolloutError(f"input {path} is not a readable Parquet file: {exc}") from None
+        self.schema_arrow = self.parts[0].schema_arrow
+        for path, part in zip(files[1:], self.parts[1:]):
+            if not part.schema_arrow.equals(self.schema_arrow, check_metadata=False):
+                raise HpcRolloutError(
+                    f"input {path} has the schema ({part.schema_arrow.to_string(show_schema_metadata=False)}), unlike "
+                    f"{files[0]} ({self.schema_arrow.to_string(show_schema_metadata=False)}); all input files must share one schema"
+                )
+        self.num_rows = sum(part.metadata.num_rows for part in self.parts)
+
+    def iter_batches(self, batch_size: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        for part in self.parts:
+            yield from part.iter_batches(batch_size=batch_size, columns=columns)
+
+    def read(self, columns: list[str]) -> pa.Table:
+        return pa.concat_tables(part.read(columns=columns) for part in self.parts)
+
+
+def open_input(spec: str | Path) -> InputFiles:
+    """Open data.input (a file, a directory or a glob), with errors that name the file."""
+    return InputFiles(input_files(spec))
+
+
+def input_fingerprint(spec: str | Path) -> dict[str, Any]:
+    """Sizes, row count, schema and a hash of each file's head and footer: cheap, and changes when the data does."""
+    files = input_files(spec)
+    inp = InputFiles(files)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 16))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read())
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(1 << 16))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read())
     return {
-        "path": str(path.resolve()),
-        "size": size,
-        "num_rows": pf.metadata.num_rows,
-        "schema": str(pf.schema_arrow),
+        "path": str(Path(spec).resolve()) if len(files) == 1 else str(spec),
+        "files": len(files),
+        "size": sum(p.stat().st_size for p in files),
+        "num_rows": inp.num_rows,
+        "schema": inp.schema_arrow.to_string(show_schema_metadata=False),
         "sha256_head_footer": h.hexdigest()[:32],
     }
 
@@ -121,11 +165,11 @@ def _hash64(values: list[Any]) -> np.ndarray:
     )
 
 
-def scan_input(pf: pq.ParquetFile, path: Path, config: RunConfig) -> np.ndarray:
+def scan_input(pf: InputFiles, path: Path, config: RunConfig) -> np.ndarray:
     """Pass 1: estimated work per row (prompt tokens + n x max_tokens); checks the id column (non-null, unique)."""
     data, sp = config.data, config.sampling
     cols = list(dict.fromkeys(c for c in (data.prompt_column, data.id_column, data.max_tokens_column) if c))
-    work = np.empty(pf.metadata.num_rows, dtype=np.float32)
+    work = np.empty(pf.num_rows, dtype=np.float32)
     hashes = []
     offset = 0
     for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=cols):
@@ -146,7 +190,7 @@ def scan_input(pf: pq.ParquetFile, path: Path, config: RunConfig) -> np.ndarray:
     return work
 
 
-def _check_unique_ids(pf: pq.ParquetFile, path: Path, id_column: str, hashes: np.ndarray) -> None:
+def _check_unique_ids(pf: InputFiles, path: Path, id_column: str, hashes: np.ndarray) -> None:
     order = np.argsort(hashes, kind="stable")
     sorted_h = hashes[order]
     dup = np.flatnonzero(sorted_h[1:] == sorted_h[:-1])
@@ -196,7 +240,7 @@ def default_num_shards(config: RunConfig) -> int:
     return tasks if config.sharding.mode == "static" else 8 * tasks
 
 
-def _write_shards(pf: pq.ParquetFile, rundir: RunDir, config: RunConfig, ranges: list[tuple[int, int]]) -> None:
+def _write_shards(pf: InputFiles, rundir: RunDir, config: RunConfig, ranges: list[tuple[int, int]]) -> None:
     """Pass 2: stream all columns into the shard files, adding the global row index and uid."""
     schema = pf.schema_arrow.append(pa.field(ROW, pa.int64())).append(pa.field(UID, pa.string()))
     id_col = config.data.id_column
@@ -253,12 +297,12 @@ def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def plan_input(config: RunConfig) -> tuple[pq.ParquetFile, np.ndarray, list[tuple[int, int]]]:
+def plan_input(config: RunConfig) -> tuple[InputFiles, np.ndarray, list[tuple[int, int]]]:
     """Validate the input and plan its shards, writing nothing: (file, work per row, row ranges)."""
     input_path = Path(config.data.input)
     pf = open_input(input_path)
     check_columns(input_path, pf.schema_arrow, config)
-    if pf.metadata.num_rows == 0:
+    if pf.num_rows == 0:
         raise HpcRolloutError(f"input {input_path} has no rows")
     work = scan_input(pf, input_path, config)
     fractions = None
@@ -302,11 +346,19 @@ def prepare_run(config: RunConfig, *, force: bool = False) -> RunDir:
     return rundir
 
 
+def _input_present(spec: str) -> bool:
+    try:
+        input_files(spec)
+    except HpcRolloutError:
+        return False  # moved or deleted since sharding: the shards in the run directory are what counts
+    return True
+
+
 def reopen_changes(rundir: RunDir, config: RunConfig) -> list[str]:
     """What differs between a run directory and this config in ways that decide the samples or the shards."""
     manifest = rundir.manifest()
     changes = [f"{k} settings" for k in fingerprint_changes(manifest["generation"], config.generation_fingerprint())]
-    if config.data.input and Path(config.data.input).exists():
+    if config.data.input and _input_present(config.data.input):
         new_input = input_fingerprint(config.data.input)
         old_input = manifest["input"]
         if any(new_input[k] != old_input.get(k) for k in ("size", "num_rows", "schema", "sha256_head_footer")):

@@ -35,7 +35,9 @@ def test_input_is_not_parquet(tmp_path, tiny_model):
     bad = tmp_path / "in.parquet"
     bad.write_text("prompt\nhello\n")
     assert "in.parquet is not a readable Parquet file" in prepare_error(tmp_path, tiny_model, bad)
-    assert "is a directory" in prepare_error(tmp_path, tiny_model, tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert "is a directory with no .parquet files" in prepare_error(tmp_path, tiny_model, tmp_path / "empty")
+    assert "matches no file" in prepare_error(tmp_path, tiny_model, tmp_path / "nothing-*.parquet")
 
 
 def test_missing_prompt_column(tmp_path, tiny_model):
@@ -137,3 +139,11 @@ def test_per_prompt_max_tokens_column(tmp_path, tiny_model):
     assert "budget must be a positive integer, got 0" in out[3]["error"]
     missing = prepare_error(tmp_path / "x", tiny_model, inp, data={"max_tokens_column": "nope"})
     assert "no max_tokens column 'nope'" in missing
+
+
+def test_input_files_of_different_schemas_are_refused(tmp_path, tiny_model):
+    (tmp_path / "d").mkdir()
+    write_input(tmp_path / "d" / "a.parquet", make_prompts(3))
+    write_input(tmp_path / "d" / "b.parquet", [{"prompt": r["prompt"]} for r in make_prompts(2)])
+    msg = prepare_error(tmp_path, tiny_model, tmp_path / "d")
+    assert "b.parquet has the schema" in msg and "must share one schema" in msg

@@ -100,3 +100,27 @@ def test_reopen_refuses_a_sharding_mode_change_without_force(tmp_path, tiny_mode
         prepare_run(make_config(tmp_path, tiny_model, inp, sharding={"mode": "dynamic"}))
     rundir = prepare_run(make_config(tmp_path, tiny_model, inp, sharding={"mode": "dynamic"}), force=True)
     assert rundir.manifest()["mode"] == "dynamic"
+
+
+@pytest.mark.parametrize("form", ["directory", "glob"])
+def test_input_as_several_files(tmp_path, tiny_model, form):
+    """A directory or glob of Parquet files is one input, read in name order; merge restores that order."""
+    from hpcrollout.merge import merge_run
+    from hpcrollout.worker import run_task
+
+    rows = make_prompts(9)
+    (tmp_path / "in").mkdir()
+    for name, chunk in (("part-0.parquet", rows[:4]), ("part-1.parquet", rows[4:7]), ("part-2.parquet", rows[7:])):
+        write_input(tmp_path / "in" / name, chunk)
+    spec = tmp_path / "in" if form == "directory" else tmp_path / "in" / "part-*.parquet"
+    config = make_config(tmp_path, tiny_model, spec, sharding={"num_shards": 2}, sampling={"n": 1, "max_tokens": 2})
+    rundir = prepare_run(config)
+    assert rundir.manifest()["input"]["files"] == 3 and rundir.manifest()["num_rows"] == 9
+    run_task(rundir.root, 0)
+    merge_run(rundir.root, tmp_path / "m.parquet")
+    assert pq.read_table(tmp_path / "m.parquet").column("qid").to_pylist() == [r["qid"] for r in rows]
+    # reopening with the same files is fine; a changed file is refused
+    prepare_run(config)
+    write_input(tmp_path / "in" / "part-2.parquet", rows[7:8])
+    with pytest.raises(HpcRolloutError, match="input file"):
+        prepare_run(config)
