@@ -73,8 +73,8 @@ def _rebatched(pf: pq.ParquetFile, batch_rows: int, columns: list[str] | None = 
 def iter_shard(
     rundir: RunDir, shard: int, schema: pa.Schema, batch_rows: int, expect_row: int | None
 ) -> Iterator[pa.RecordBatch]:
-    inp = pq.ParquetFile(rundir.shard_input(shard))
-    out = pq.ParquetFile(rundir.shard_output(shard))
+    inp = pq.ParquetFile(rundir.shard_input(shard), pre_buffer=False)  # pre_buffer keeps every row group read
+    out = pq.ParquetFile(rundir.shard_output(shard), pre_buffer=False)
     if inp.metadata.num_rows != out.metadata.num_rows:
         raise HpcRolloutError(
             f"shard {shard:05d}: output has {out.metadata.num_rows} rows for {inp.metadata.num_rows} prompts "
