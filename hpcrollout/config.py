@@ -21,12 +21,16 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """What to read."""
 
-    input: str | None = Field(None, description="A Parquet file, a directory of them, or a glob (files read in name order).")
+    input: str | None = Field(
+        None, description="A Parquet file, a directory of them, or a glob (files read in name order)."
+    )
     prompt_column: str = Field("prompt", description="Column holding a list of {role, content} messages, or a string.")
     id_column: str | None = Field(
         None, description="Column with a unique id per row; otherwise ids derive from content and position."
     )
-    max_tokens_column: str | None = Field(None, description="Column with a per-prompt max_tokens (overrides sampling.max_tokens).")
+    max_tokens_column: str | None = Field(
+        None, description="Column with a per-prompt max_tokens (overrides sampling.max_tokens)."
+    )
     max_prompt_chars: int = Field(
         1_000_000, gt=0, description="Longer prompts become error records instead of being sent."
     )
@@ -100,8 +104,12 @@ class SamplingConfig(_Section):
 class ShardingConfig(_Section):
     """How the input is cut into shards (units of work)."""
 
-    num_shards: int | None = Field(None, ge=1, description="Default: one per task (static); dynamic: ~15 per task, shrinking toward the end.")
-    max_prompts_per_shard: int = Field(20_000, ge=1, description="Caps the memory of finishing one shard (its outputs are compacted in memory).")
+    num_shards: int | None = Field(
+        None, ge=1, description="Default: one per task (static); dynamic: ~15 per task, shrinking toward the end."
+    )
+    max_prompts_per_shard: int = Field(
+        20_000, ge=1, description="Caps the memory of finishing one shard (its outputs are compacted in memory)."
+    )
     mode: Literal["static", "dynamic"] = Field(
         "static", description="static: task i runs its own shards; dynamic: tasks claim shards until none is left."
     )
@@ -195,6 +203,13 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def add_override_arg(
+    parser: Any, help: str = "set any config key, e.g. --set sampling.temperature=0.7 (repeatable)"
+) -> None:
+    """The one `--set KEY=VALUE` option every command that reads a config takes (values parsed as YAML)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def get_dotted(obj: Any, key: str) -> Any:
     for part in key.split("."):
         obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
@@ -273,7 +288,13 @@ def load_config(
     return build_config(tree, source)
 
 
-PATH_KEYS = (("data", "input"), ("model", "path"), ("model", "tokenizer"), ("model", "chat_template"), (None, "run_dir"))
+PATH_KEYS = (
+    ("data", "input"),
+    ("model", "path"),
+    ("model", "tokenizer"),
+    ("model", "chat_template"),
+    (None, "run_dir"),
+)
 
 
 def _resolve_paths(tree: dict[str, Any], here: Path) -> None:

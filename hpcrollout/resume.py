@@ -12,35 +12,22 @@ from __future__ import annotations
 import argparse
 import os
 
-from hpcrollout.config import load_config
+from hpcrollout.config import add_override_arg, load_config
 from hpcrollout.rundir import RunDir
+from hpcrollout.submit import add_tasks_arg, dry_run, report, submit_run
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="the run directory to resume")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="change a setting for this submission, e.g. --set slurm.time_min=600 (repeatable)",
-    )
+    add_override_arg(parser, "change a setting for this submission, e.g. --set slurm.time_min=600 (repeatable)")
     parser.add_argument(
         "--force", action="store_true", help="resume even though the input or generation settings changed"
     )
     parser.add_argument("--dry-run", action="store_true", help="print what would be resubmitted; submit nothing")
-    parser.add_argument(
-        "--add-tasks",
-        type=int,
-        default=None,
-        metavar="N",
-        help="dynamic mode: submit N tasks beside the queued and running ones; they join by claiming shards",
-    )
+    add_tasks_arg(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    from hpcrollout.submit import dry_run, report, submit_run
 
     rundir = RunDir(args.run_dir)
     rundir.require()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from hpcrollout.config import RunConfig, load_config
+from hpcrollout.config import RunConfig, add_override_arg, load_config
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.local import run_local
 from hpcrollout.merge import merge_run
@@ -56,9 +56,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         names = [f"--{flag}"] + ([f"--{flag.replace('_', '-')}"] if "_" in flag else [])
         parser.add_argument(*names, dest=flag, type=typ, default=None, help=help_text or key)
     parser.add_argument("--config", help="a run config YAML (any key; flags override it)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="set any config key"
-    )
+    add_override_arg(parser)
     parser.add_argument("--force", action="store_true", help="continue a run directory despite changed settings")
 
 

@@ -80,6 +80,11 @@ def read_json(path: str | Path) -> Any:
         raise HpcRolloutError(f"{path} is unreadable or not valid JSON ({exc}); delete it to redo that step") from None
 
 
+def static_task(shard: int, num_tasks: int) -> int:
+    """Static mode's one assignment rule: task i runs shards i, i + T, i + 2T, ..."""
+    return shard % num_tasks
+
+
 def shard_name(shard: int) -> str:
     return f"{shard:05d}"
 

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hpcrollout import __version__
-from hpcrollout.config import RunConfig, load_config
+from hpcrollout.config import RunConfig, add_override_arg, load_config
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.prompts import derive_uid, prompt_chars
 from hpcrollout.rundir import RunDir, atomic_path, write_atomic, write_json_atomic
@@ -416,7 +416,7 @@ def _config_diff(old: RunConfig, new: RunConfig) -> str:
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="run config YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_override_arg(parser)
     parser.add_argument("--force", action="store_true", help="reopen a run directory despite changed settings")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcrollout.errors import HpcRolloutError
-from hpcrollout.rundir import RunDir, read_json
+from hpcrollout.rundir import RunDir, read_json, static_task
 
 ACTIVE_STATES = {
     "PENDING",
@@ -277,7 +277,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
                 hb = {}
         claim = claims.get(i)
         if not dynamic:
-            task = i % num_tasks
+            task = static_task(i, num_tasks)
         elif claim and claim["state"] != "released" and (owner := _dynamic_task(claim, job_task)) is not None:
             task = owner  # the claim names the current holder even before its first heartbeat
         else:

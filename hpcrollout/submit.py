@@ -23,9 +23,9 @@ import sys
 import time
 from typing import Any
 
-from hpcrollout.config import RunConfig, load_config
+from hpcrollout.config import RunConfig, add_override_arg, load_config
 from hpcrollout.errors import HpcRolloutError
-from hpcrollout.rundir import RunDir, write_json_atomic
+from hpcrollout.rundir import RunDir, static_task, write_json_atomic
 from hpcrollout.slurm_task import SlurmTask
 from hpcrollout.status import active_tasks, id_ranges, jobs_path, read_jobs, submitit_folder
 
@@ -123,14 +123,14 @@ def tasks_with_pending_shards(rundir: RunDir, active: dict[int, str] | None = No
     num_tasks = int(manifest["num_tasks"])
     done = rundir.done_shards()
     pending = [s["shard"] for s in manifest["shards"] if s["shard"] not in done]
-    if manifest.get("mode") == "dynamic":
+    return tasks_for(pending, num_tasks, active, manifest.get("mode") == "dynamic")
+
+
+def tasks_for(pending: list[int], num_tasks: int, active: dict[int, str], dynamic: bool) -> list[int]:
+    """The task ids to submit for these pending shards, leaving out the active (queued or running) tasks."""
+    if dynamic:
         return dynamic_task_ids(num_tasks, len(pending), active)
-    return sorted({s % num_tasks for s in pending} - set(active))
-
-
-def shards_of_task(manifest: dict[str, Any], task_id: int) -> list[int]:
-    num_tasks = int(manifest["num_tasks"])
-    return [s["shard"] for s in manifest["shards"] if s["shard"] % num_tasks == task_id]
+    return sorted({static_task(s, num_tasks) for s in pending} - set(active))
 
 
 def _check_task_layout(rundir: RunDir, active: dict[int, str], now: int) -> None:
@@ -286,10 +286,7 @@ def dry_run(config: RunConfig, *, force: bool = False, out=None, add_tasks: int 
         shards, done = _plan_shards(config), set()
         lines.append(f"run dir: {rundir.root} (new: would be created and sharded)")
     pending = [s for s in shards if s["shard"] not in done]
-    if dynamic:
-        tasks = dynamic_task_ids(num_tasks, len(pending), active)
-    else:
-        tasks = sorted({s["shard"] % num_tasks for s in pending} - set(active))
+    tasks = tasks_for([s["shard"] for s in pending], num_tasks, active, dynamic)
     total = sum(s["rows"][1] - s["rows"][0] for s in shards)
     lines.append(
         f"input: {config.data.input} ({total} prompts x n={config.sampling.n}); model: {config.model.path}; backend: {config.backend}"
@@ -299,7 +296,7 @@ def dry_run(config: RunConfig, *, force: bool = False, out=None, add_tasks: int 
     for s in shards:
         a, b = s["rows"]
         state = "done" if s["shard"] in done else "to run"
-        task = s["shard"] % num_tasks if not dynamic else "-"
+        task = static_task(s["shard"], num_tasks) if not dynamic else "-"
         lines.append(f"  {s['shard']:>5} {f'{a}-{b}':>17} {b - a:>8} {s.get('est_work', 0):>10.0f} {task:>5} {state}")
     lines += active_lines(active, "would not be resubmitted")
     if dynamic and active and tasks:
@@ -383,22 +380,8 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="run config YAML")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set slurm.partition=gpu (repeatable)",
-    )
-    parser.add_argument(
-        "--dry-run", action="store_true", help="print shards, resources and the sbatch script; submit nothing"
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="reopen a run directory despite changed generation settings"
-    )
+def add_tasks_arg(parser: argparse.ArgumentParser) -> None:
+    """--add-tasks, shared by submit and resume."""
     parser.add_argument(
         "--add-tasks",
         type=int,
@@ -406,6 +389,18 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="dynamic mode: submit N tasks beside the queued and running ones; they join by claiming shards",
     )
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="run config YAML")
+    add_override_arg(parser, "override a config key, e.g. --set slurm.partition=gpu (repeatable)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print shards, resources and the sbatch script; submit nothing"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="reopen a run directory despite changed generation settings"
+    )
+    add_tasks_arg(parser)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from hpcrollout.config import RunConfig
 from hpcrollout.engines import Engine, PromptRequest, PromptResult, create_engine, prompt_seed
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.prompts import BadPrompt, normalize_prompt
-from hpcrollout.rundir import RunDir, atomic_path, fsync_dir, write_json_atomic
+from hpcrollout.rundir import RunDir, atomic_path, fsync_dir, static_task, write_json_atomic
 from hpcrollout.schema import PART_ROW, ROW, UID, result_schema, results_to_table
 
 log = logging.getLogger("hpcrollout")
@@ -446,7 +446,7 @@ def task_shards(rundir: RunDir, task_id: int, num_tasks: int | None = None) -> l
     if not 0 <= task_id < num_tasks:
         raise HpcRolloutError(f"task {task_id} is out of range: the run has {num_tasks} tasks")
     done = rundir.done_shards()
-    return [s["shard"] for s in manifest["shards"] if s["shard"] % num_tasks == task_id and s["shard"] not in done]
+    return [s["shard"] for s in manifest["shards"] if static_task(s["shard"], num_tasks) == task_id and s["shard"] not in done]
 
 
 def run_task(
