@@ -92,10 +92,10 @@ def open_input(spec: str | Path) -> InputFiles:
     return InputFiles(input_files(spec))
 
 
-def input_fingerprint(spec: str | Path) -> dict[str, Any]:
+def input_fingerprint(spec: str | Path, inp: InputFiles | None = None) -> dict[str, Any]:
     """Sizes, row count, schema and a hash of each file's head and footer: cheap, and changes when the data does."""
-    files = input_files(spec)
-    inp = InputFiles(files)
+    inp = inp or open_input(spec)
+    files = inp.files
     h = hashlib.sha256()
     for path in files:
         size = path.stat().st_size
@@ -323,7 +323,7 @@ def prepare_run(config: RunConfig, *, force: bool = False) -> RunDir:
         return _reopen(rundir, config, force)
     started = time.time()
     pf, work, ranges = plan_input(config)
-    fingerprint = input_fingerprint(input_path)
+    fingerprint = input_fingerprint(input_path, pf)
     rundir.root.mkdir(parents=True, exist_ok=True)
     _write_shards(pf, rundir, config, ranges)
     write_atomic(rundir.config_path, config.to_yaml())
