@@ -465,8 +465,9 @@ def run_task(
 
         board = ClaimBoard(rundir, lease_s=config.sharding.lease_seconds)
         source = ShardSource(rundir, board=board)
-        first = source.next(block=True)
+        first = source.next(block=True)  # wait here, before any engine starts, for a unit to work on
         todo = [] if first is None else [first]
+        source.queue = list(todo)  # the claim already held goes first
     else:
         todo = [s for s in shards if not rundir.is_done(s)] if shards is not None else task_shards(rundir, task_id, num_tasks)
         source = ShardSource(rundir, todo)
@@ -474,8 +475,6 @@ def run_task(
     if not todo:
         log.info("task %d: nothing to do", task_id)
         return summary
-    if board is not None:
-        source.queue = list(todo)  # the first claim, already held, goes first
     log.info("task %d: %s on %s", task_id, f"shards {todo}" if board is None else "claiming shards", socket.gethostname())
     try:
         with create_engine(config) as engine:
