@@ -90,7 +90,6 @@ class ShardRun:
         self.done_now = 0
         self.samples_now = 0
         self.tokens_now = 0
-        self.errors_now = 0
         self.total = 0
 
     # committing
@@ -178,7 +177,6 @@ class ShardRun:
         self.done_now += 1
         self.samples_now += len(result.samples)
         self.tokens_now += sum(s.num_tokens for s in result.samples)
-        self.errors_now += result.error is not None
 
     def open(self) -> None:
         """Read what earlier attempts committed; the rows found there are not generated again."""
