@@ -64,8 +64,13 @@ def slurm_cluster() -> dict[str, Any]:
 
 def job_states(job_id: str) -> dict[str, str]:
     """squeue's view of an array's tasks ({"12_0": "RUNNING"}); finished tasks are absent."""
-    out = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i %T"], capture_output=True, text=True).stdout
-    return dict(line.split()[:2] for line in out.splitlines() if len(line.split()) >= 2)
+    proc = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i %T"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        # slurmctld busy (a loaded CI machine) or the job just purged: unknown, never "all finished"
+        if "Invalid job id" in proc.stderr:
+            return {}
+        return {job_id: "UNKNOWN"}
+    return dict(line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2)
 
 
 def wait_for_jobs(job_ids: list[str], timeout: float = 300) -> None:
