@@ -64,6 +64,15 @@ class EngineConfig(_Section):
     enforce_eager: bool = False
     seed: int = 0
     load_format: str | None = Field(None, description="'dummy' gives random weights (benchmarks without a download).")
+    kv_budget: float | None = Field(
+        1.0,
+        gt=0,
+        le=4,
+        description=(
+            "vLLM backend: the prompts in flight may reserve this fraction of the KV cache (prompt + n expected "
+            "outputs each), longest first, so vLLM never has to preempt; null hands vLLM the whole lookahead."
+        ),
+    )
     device: str = Field("auto", description="transformers backend only: cpu, cuda, or auto.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Any other vLLM engine argument, passed as is.")
 

@@ -2,13 +2,17 @@
 
 One process, one GPU, one vLLM engine reused by every way, on the same prompts and per-prompt settings:
   raw         ``LLM.chat`` on all prompts at once (no checkpoints): the ceiling
-  hpcrollout  the real worker (prepare_run + ShardRun) streaming results and committing part files
-              every ``--every_seconds`` (<= 60 s)
+  hpcrollout  the real worker (prepare_run + run_shard) streaming results and committing part files
+              every ``--every_seconds`` (<= 60 s); ``hpcrollout:B`` runs it with ``engine.kv_budget: B``
+              (``hpcrollout:none``: no KV budget, the whole lookahead handed to vLLM at once)
   chunk       what a naive checkpointing script does: ``LLM.chat`` on ``--chunk_prompts`` prompts at a time,
               writing each chunk's results before starting the next (a barrier per chunk)
-Workloads: ``headline`` (Qwen3-4B shape with dummy weights, every sample max_tokens long with ignore_eos) and
-``variable`` (per-prompt max_tokens drawn from a lognormal, a long tail). Engine start (and whether the
-compile cache was warm) is reported separately. Each device call has a time limit, so pick ways per call:
+Workloads: ``headline`` (Qwen3-4B shape with dummy weights, every sample max_tokens long with ignore_eos),
+``variable`` (per-prompt max_tokens drawn from a lognormal, a long tail) and ``eos`` (samples end at a stop
+token, so max_tokens is only a bound and the lengths are unknown in advance: with dummy weights every token
+is about equally likely, and ``--stop_tokens`` of them end a sample, which gives geometric lengths).
+Engine start (and whether the compile cache was warm) is reported separately. Each device call has a time
+limit, so pick ways per call:
 
     python -m hpcrollout.benchmarks.vllm_throughput --workload headline --ways raw,hpcrollout --out a.json
     python -m hpcrollout.benchmarks.vllm_throughput --workload headline --ways raw,chunk --out b.json
@@ -54,8 +58,8 @@ def make_prompts(count: int, seed: int) -> list[list[dict[str, str]]]:
 
 
 def output_lengths(args: argparse.Namespace) -> list[int]:
-    """max_tokens per prompt: all equal (headline) or lognormal with a long tail (variable)."""
-    if args.workload == "headline":
+    """max_tokens per prompt: all equal (headline, eos) or lognormal with a long tail (variable)."""
+    if args.workload in ("headline", "eos"):
         return [args.max_tokens] * args.prompts
     rng = np.random.default_rng(args.seed + 1)
     draws = np.exp(rng.normal(np.log(args.median_tokens), args.sigma, size=args.prompts))
@@ -83,7 +87,8 @@ def build_config(args: argparse.Namespace, model_dir: Path, run_dir: Path, input
             "n": args.n,
             "max_tokens": args.max_tokens,
             "temperature": 1.0,
-            "ignore_eos": True,
+            "ignore_eos": args.workload != "eos",
+            "stop_token_ids": list(range(args.stop_tokens)) if args.workload == "eos" else [],
             "seed": args.seed,
         },
         "sharding": {"num_shards": 1},
@@ -175,19 +180,33 @@ def way_hpcrollout(engine: Any, args: argparse.Namespace, config: Any) -> dict[s
 
     rundir = prepare_run(config)  # the input's max_tokens column gives each prompt its length
     tokenize_before = engine.renderer.tokenize_s
-    started = time.perf_counter()
-    with PartWatcher(rundir.parts_dir(0), started) as watcher:
-        result = run_shard(rundir, 0, engine, config)
-    wall = time.perf_counter() - started
+    own_config, engine.config = engine.config, config  # this way's engine.kv_budget
+    try:
+        started = time.perf_counter()
+        with PartWatcher(rundir.parts_dir(0), started) as watcher:
+            result = run_shard(rundir, 0, engine, config)
+        wall = time.perf_counter() - started
+    finally:
+        engine.config = own_config
     if result.get("state") != "done":
         raise RuntimeError(f"the shard did not finish: {result}")
     return {
         "wall_s": wall,
         "output_tokens": int(result["output_tokens"]),
         "every_seconds": args.every_seconds,
+        "kv_budget": config.engine.kv_budget,
+        "admission": engine.admission.describe() if engine.admission else None,
         "tokenize_s": round(engine.renderer.tokenize_s - tokenize_before, 3),
         **commit_stats(sorted(watcher.seen.values()), wall),
     }
+
+
+def budget_of(way: str, default: float | None) -> float | None:
+    """``hpcrollout`` -> the config's kv_budget; ``hpcrollout:1.5`` -> 1.5; ``hpcrollout:none`` -> None."""
+    _, _, value = way.partition(":")
+    if not value:
+        return default
+    return None if value.lower() in ("none", "null", "off") else float(value)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -226,6 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "n": args.n,
         "max_tokens": args.max_tokens,
         "expected_output_tokens": sum(lengths) * args.n,
+        "ending": f"stop token ids 0..{args.stop_tokens - 1}" if args.workload == "eos" else "ignore_eos",
         "shape": args.shape,
         "kv_cache_dtype": args.kv_cache_dtype,
         "engine": info,
@@ -241,10 +261,16 @@ def run_ways(args, engine, config, prompts, seeds, lengths, work, stamp, results
         try:
             if way == "raw":
                 res = way_raw(engine, prompts, seeds, lengths)
-            elif way == "hpcrollout":
-                res = way_hpcrollout(
-                    engine, args, config.model_copy(update={"run_dir": str(work / f"run-{stamp}-{key}")}), lengths
+            elif way.split(":")[0] == "hpcrollout":
+                variant = config.model_copy(
+                    update={
+                        "run_dir": str(work / f"run-{stamp}-{key.replace(':', '_')}"),
+                        "engine": config.engine.model_copy(
+                            update={"kv_budget": budget_of(way, config.engine.kv_budget)}
+                        ),
+                    }
                 )
+                res = way_hpcrollout(engine, args, variant)
             elif way == "chunk":
                 res = way_chunk(engine, prompts, seeds, lengths, args.chunk_prompts, work / f"chunks-{stamp}-{key}")
             else:
@@ -261,7 +287,7 @@ def report(summary: dict[str, Any]) -> str:
     eng = summary["engine"]
     lines = [
         f"workload {summary['workload']}: {summary['prompts']} prompts x n={summary['n']}, max_tokens {summary['max_tokens']}"
-        f" (ignore_eos), {summary['expected_output_tokens']:,} output tokens, {summary['shape']} dummy weights,"
+        f" ({summary['ending']}), {summary['expected_output_tokens']:,} output tokens at most, {summary['shape']} dummy weights,"
         f" kv_cache_dtype {summary['kv_cache_dtype']}, on {eng.get('device', '?')} (vLLM {eng.get('vllm')})",
         f"engine start: {eng['engine_start_s']:.1f} s (compile cache {'warm' if eng['compile_cache'].get('ready_before') else 'cold'}"
         f", {eng['compile_cache'].get('root')})",
@@ -279,11 +305,16 @@ def report(summary: dict[str, Any]) -> str:
             notes.append(f"chunks of {res['chunk_prompts']} prompts")
         if "tokenize_s" in res:
             notes.append(f"tokenize {res['tokenize_s']} s")
+        if res.get("admission"):
+            adm = res["admission"]
+            notes.append(
+                f"kv_budget {res['kv_budget']}: peak reserved {adm['peak_reserved_tokens']:,} of {adm['kv_budget_tokens'] or 0:,}"
+            )
         lines.append(
             f"{name:<12}{res['wall_s']:>9.1f}{res['output_tokens']:>12,}{res['tok_per_s']:>10.0f}{ratio:>9}  {'; '.join(notes)}"
         )
     if raw:
-        for way in ("hpcrollout", "chunk"):
+        for way in dict.fromkeys(name.split("#")[0] for name in ways if name.split("#")[0] != "raw"):
             runs = [res["tok_per_s"] for name, res in ways.items() if name.split("#")[0] == way]
             if runs:
                 lines.append(
@@ -293,8 +324,11 @@ def report(summary: dict[str, Any]) -> str:
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workload", choices=["headline", "variable"], default="headline")
-    parser.add_argument("--ways", default="raw,hpcrollout,chunk", help="comma-separated: raw, hpcrollout, chunk")
+    parser.add_argument("--workload", choices=["headline", "variable", "eos"], default="headline")
+    parser.add_argument(
+        "--ways", default="raw,hpcrollout,chunk", help="comma-separated: raw, hpcrollout[:KV_BUDGET|:none], chunk"
+    )
+    parser.add_argument("--stop_tokens", type=int, default=200, help="eos: token ids 0..K-1 end a sample")
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument(

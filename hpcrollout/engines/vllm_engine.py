@@ -1,9 +1,12 @@
 """The vLLM backend: a shard's backlog streamed through vLLM 0.26's LLMEngine, results yielded as they finish.
 
-How it keeps the GPU as busy as one ``LLM.generate`` call on everything:
-- vLLM's engine core runs in its own process and schedules whatever requests it holds, so the backlog is
-  submitted ahead (a window of at least ``_WINDOW_PROMPTS`` prompts, refilled as prompts finish) and the
-  core never runs dry; memory stays bounded for 10^5-prompt shards.
+How it keeps the GPU at least as busy as one ``LLM.generate`` call on everything:
+- vLLM's engine core runs in its own process and schedules whatever requests it holds. A window of at least
+  ``_WINDOW_PROMPTS`` prompts is read ahead (refilled as prompts finish), so the core never runs dry and memory
+  stays bounded for 10^5-prompt shards.
+- From that window, prompts go to vLLM longest first and only as many as the KV cache can hold at their
+  largest (``engine.kv_budget``, see ``admission.py``): vLLM then never preempts and recomputes sequences,
+  which ``LLM.generate`` on everything does whenever the samples outgrow the cache.
 - Prompts are rendered (chat template) and tokenized here in batches, ahead of the engine, and handed over
   as token ids; the time this takes is measured (``describe()["tokenize_s"]``).
 - One request per prompt with ``n`` samples (the prompt's KV is shared by prefix caching) and
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcrollout.engines import tensor_parallel_size
+from hpcrollout.engines.admission import Admission
 from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
 from hpcrollout.errors import HpcRolloutError
 
@@ -288,6 +292,7 @@ class VllmEngine(Engine):
         self.renderer = PromptRenderer(config, tokenizer=llm.get_tokenizer())
         self._ids = itertools.count()
         self.window = max(_WINDOW_PROMPTS, -(-4 * self.max_num_seqs // config.sampling.n))
+        self.admission: Admission | None = None
         log.info(
             "vLLM %s ready in %.1f s (max_model_len %d, max_num_seqs %d, compile cache %s)",
             self._vllm_version,
@@ -319,6 +324,8 @@ class VllmEngine(Engine):
             "tokenize_s": round(self.renderer.tokenize_s, 3),
             "tokenized_prompts": self.renderer.prompts,
         }
+        if self.admission is not None:
+            info["admission"] = self.admission.describe()
         with contextlib.suppress(Exception):  # NVML, no CUDA context in this process
             from vllm.platforms import current_platform
 
@@ -340,16 +347,13 @@ class VllmEngine(Engine):
             fields["max_tokens"] = request.max_tokens
         return self._SamplingParams(**fields)
 
-    def _submit(
-        self, batch: list[PromptRequest], inflight: dict[str, PromptRequest], failed: list[PromptResult]
-    ) -> None:
-        from vllm.inputs import tokens_input
-
+    def _read_ahead(self, batch: list[PromptRequest], pool: Admission, failed: list[PromptResult]) -> None:
+        """Render and tokenize a batch into the lookahead pool; what cannot be submitted becomes an error row."""
+        default_max = self.config.sampling.max_tokens
         for request, ids in zip(batch, self.renderer.encode(batch), strict=True):
             if isinstance(ids, str):
                 failed.append(PromptResult.failed(request, ids))
-                continue
-            if len(ids) >= self.max_model_len:
+            elif len(ids) >= self.max_model_len:
                 failed.append(
                     PromptResult.failed(
                         request,
@@ -359,37 +363,76 @@ class VllmEngine(Engine):
                         ),
                     )
                 )
-                continue
-            request_id = f"{request.row}-{next(self._ids)}"
-            try:
-                # Token ids in vLLM's processed-input form: no string-prompt deprecation, no second tokenization.
-                self.engine.add_request(request_id, tokens_input(ids), self._params(request))
-            except Exception as exc:  # vLLM rejected this one prompt (length, vocabulary, parameters)
-                failed.append(PromptResult.failed(request, f"vLLM rejected the prompt: {type(exc).__name__}: {exc}"))
-                continue
-            inflight[request_id] = request
+            else:
+                max_tokens = min(request.max_tokens or default_max, self.max_model_len - len(ids))
+                pool.add((request, ids), len(ids), max_tokens)
+
+    def _submit(
+        self, request: PromptRequest, ids: list[int], cost: int, inflight: dict[str, tuple[PromptRequest, int]]
+    ) -> PromptResult | None:
+        """Hand one prompt to vLLM; None, or the error record if vLLM rejects it."""
+        from vllm.inputs import tokens_input
+
+        request_id = f"{request.row}-{next(self._ids)}"
+        try:
+            # Token ids in vLLM's processed-input form: no string-prompt deprecation, no second tokenization.
+            self.engine.add_request(request_id, tokens_input(ids), self._params(request))
+        except Exception as exc:  # vLLM rejected this one prompt (length, vocabulary, parameters)
+            return PromptResult.failed(request, f"vLLM rejected the prompt: {type(exc).__name__}: {exc}")
+        inflight[request_id] = (request, cost)
+        return None
+
+    def _admission(self) -> Admission:
+        sp = self.config.sampling
+        cache = self.engine.vllm_config.cache_config
+        blocks, block_size = cache.num_gpu_blocks, cache.block_size or 16
+        return Admission(
+            capacity_tokens=blocks * block_size if blocks else None,
+            fraction=self.config.engine.kv_budget,
+            n=sp.n,
+            ignore_eos=sp.ignore_eos,
+            block_size=block_size,
+            prefix_caching=bool(cache.enable_prefix_caching),
+            warmup_seqs=2 * self.max_num_seqs,
+        )
 
     def generate(self, requests: Iterable[PromptRequest]) -> Iterator[PromptResult]:
         source = iter(requests)
-        inflight: dict[str, PromptRequest] = {}
+        pool = self.admission = self._admission()
+        inflight: dict[str, tuple[PromptRequest, int]] = {}
         failed: list[PromptResult] = []
         exhausted = False
         size = max(1, min(_TOKENIZE_BATCH, self.window))
         try:
             while True:
-                while not exhausted and len(inflight) + size <= self.window:
+                # Read ahead up to the window (the pool the longest-first order chooses from) ...
+                while not exhausted and len(pool) + len(inflight) + size <= self.window:
                     batch = list(itertools.islice(source, size))
                     exhausted = len(batch) < size
-                    self._submit(batch, inflight, failed)
+                    self._read_ahead(batch, pool, failed)
+                # ... and submit what the KV budget has room for (at most a window in flight).
+                while len(inflight) < self.window and (taken := pool.take()) is not None:
+                    (request, ids), cost = taken
+                    rejected = self._submit(request, ids, cost, inflight)
+                    if rejected is not None:
+                        pool.done(cost)
+                        failed.append(rejected)
                 while failed:
                     yield failed.pop(0)
                 if not inflight:
-                    if exhausted:
+                    if exhausted and not len(pool):
                         return
                     continue
                 for output in self.engine.step():
                     if output.finished and output.request_id in inflight:
-                        yield self._result(inflight.pop(output.request_id), output)
+                        request, cost = inflight.pop(output.request_id)
+                        result = self._result(request, output)
+                        budget = min(
+                            request.max_tokens or self.config.sampling.max_tokens,
+                            self.max_model_len - result.prompt_tokens,
+                        )
+                        pool.done(cost, [(s.num_tokens, budget) for s in result.samples])
+                        yield result
         finally:
             if inflight:  # generator closed early or an error: leave the engine clean for the next shard
                 self.engine.abort_request(list(inflight))

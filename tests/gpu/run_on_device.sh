@@ -8,7 +8,8 @@
 #   bash tests/gpu/run_on_device.sh headline-b              # headline workload: raw vs chunk-with-barrier
 #   DEADLINE=570 bash tests/gpu/run_on_device.sh ...        # seconds the whole call may take (default 570)
 #
-# Steps: tests | variable | headline-a | headline-b | headline-all | headline-fp8 | check
+# Steps: tests | variable | variable-budget | eos | eos-budget | headline-a | headline-b | headline-all |
+#        headline-fp8 | check
 set -uo pipefail
 OUT=${OUT:-/tmp/hpcr-out}
 DEADLINE=${DEADLINE:-570}
@@ -67,13 +68,16 @@ run_bench() {  # NAME ARGS...
 after_tests=0
 for step in "$@"; do
   [ "$step" = tests ] && after_tests=1 && continue
-  [ "$after_tests" = 1 ] && case "$step" in variable*|headline*) RESERVE=${RESERVE:-330} ;; esac
+  [ "$after_tests" = 1 ] && case "$step" in variable*|headline*|eos*) RESERVE=${RESERVE:-330} ;; esac
 done
 for step in "$@"; do
   case "$step" in
     check) python3 -c "from hpcrollout.engines.vllm_engine import VllmEngine; print('import ok')" ;;
     tests) run_tests ;;
     variable) run_bench variable --workload variable --ways raw,hpcrollout,chunk ;;
+    variable-budget) run_bench variable-budget --workload variable --ways raw,hpcrollout,hpcrollout:none,raw,hpcrollout ;;
+    eos) run_bench eos --workload eos --ways raw,hpcrollout ;;
+    eos-budget) run_bench eos-budget --workload eos --ways raw,hpcrollout,hpcrollout:none ;;
     variable-x2) run_bench variable-x2 --workload variable --ways hpcrollout,raw,hpcrollout,raw,chunk ;;
     headline-a) run_bench headline-a --workload headline --ways raw,hpcrollout ;;
     headline-b) run_bench headline-b --workload headline --ways raw,chunk ;;

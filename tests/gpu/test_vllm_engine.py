@@ -166,6 +166,23 @@ def test_backlog_is_bounded_by_the_window(engine_for):
     assert len(rest) + 1 == 200 and pulled == 200
 
 
+def test_kv_budget_runs_a_few_prompts_at_a_time_with_the_same_samples(engine_for):
+    free = engine_for({"engine": {"kv_budget": None}, "sampling": {"return_token_ids": True}})
+    requests = [chat_request(i) for i in range(24)]
+    reference = by_row(free.generate(requests))
+    cache = free.engine.vllm_config.cache_config
+    capacity = cache.num_gpu_blocks * cache.block_size
+    # ~600 KV tokens: about three prompts (n=4 x 16 tokens, + a block each, + the prompt) at a time
+    tight = engine_for({"engine": {"kv_budget": 600 / capacity}, "sampling": {"return_token_ids": True}})
+    got = by_row(tight.generate(requests))
+    info = tight.describe()["admission"]
+    assert info["held_back"] > 0 and 0 < info["peak_reserved_tokens"] <= info["kv_budget_tokens"] <= 600
+    assert sorted(got) == list(range(24)) and all(r.error is None for r in got.values())
+    assert {row: [s.token_ids for s in r.samples] for row, r in got.items()} == {
+        row: [s.token_ids for s in r.samples] for row, r in reference.items()
+    }
+
+
 def test_describe_reports_parallelism_and_start_time(shared_llm):
     info = shared_llm.describe()
     assert info["backend"] == "vllm" and info["vllm"].startswith("0.")
