@@ -64,6 +64,10 @@ class EngineConfig(_Section):
     enforce_eager: bool = False
     seed: int = 0
     load_format: str | None = Field(None, description="'dummy' gives random weights (benchmarks without a download).")
+    longest_first: bool = Field(
+        True,
+        description="vLLM backend: submit the read-ahead prompts with the most expected tokens first (false: input order).",
+    )
     kv_budget: float | None = Field(
         1.0,
         gt=0,

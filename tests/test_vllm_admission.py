@@ -207,6 +207,15 @@ def test_longest_prompts_go_first(fake_vllm):
     assert rows == sorted(range(len(lengths)), key=lambda r: (-lengths[r], -(r % 7)))
 
 
+def test_longest_first_off_keeps_the_input_order(fake_vllm):
+    engine, fake = make_engine(1.0, capacity=100_000, max_tokens=400)
+    engine.config = engine.config.model_copy(
+        update={"engine": engine.config.engine.model_copy(update={"longest_first": False})}
+    )
+    list(engine.generate(requests([16, 200, 32, 16, 120])))
+    assert [int(rid.split("-")[0]) for rid in fake.added] == [0, 1, 2, 3, 4]
+
+
 def test_without_a_budget_everything_is_handed_over_at_once(fake_vllm):
     engine, fake = make_engine(None, capacity=500, max_tokens=400)
     stream = engine.generate(requests([16, 200, 32, 16]))

@@ -112,9 +112,10 @@ def count_tokens(outputs: list[Any]) -> int:
 def way_raw(engine: Any, prompts: list, seeds: list[int], lengths: list[int]) -> dict[str, Any]:
     params = params_for(engine, seeds, lengths)
     started = time.perf_counter()
-    outputs = engine.llm.chat(prompts, params, use_tqdm=False)
+    finished = FinishTimes()
+    outputs = engine.llm.chat(prompts, params, use_tqdm=finished.bar)
     wall = time.perf_counter() - started
-    return {"wall_s": wall, "output_tokens": count_tokens(outputs)}
+    return {"wall_s": wall, "output_tokens": count_tokens(outputs), "finished_at": finished.summary()}
 
 
 def way_chunk(
@@ -181,13 +182,22 @@ def way_hpcrollout(engine: Any, args: argparse.Namespace, config: Any) -> dict[s
     rundir = prepare_run(config)  # the input's max_tokens column gives each prompt its length
     tokenize_before = engine.renderer.tokenize_s
     own_config, engine.config = engine.config, config  # this way's engine.kv_budget
+    own_result = engine._result
+    finished = FinishTimes()
+
+    def result_and_time(*args: Any) -> Any:
+        finished.mark()
+        return own_result(*args)
+
+    engine._result = result_and_time
     try:
-        started = time.perf_counter()
+        started = finished.t0 = time.perf_counter()
         with PartWatcher(rundir.parts_dir(0), started) as watcher:
             result = run_shard(rundir, 0, engine, config)
         wall = time.perf_counter() - started
     finally:
         engine.config = own_config
+        engine._result = own_result
     if result.get("state") != "done":
         raise RuntimeError(f"the shard did not finish: {result}")
     return {
@@ -195,18 +205,70 @@ def way_hpcrollout(engine: Any, args: argparse.Namespace, config: Any) -> dict[s
         "output_tokens": int(result["output_tokens"]),
         "every_seconds": args.every_seconds,
         "kv_budget": config.engine.kv_budget,
-        "admission": engine.admission.describe() if engine.admission else None,
+        "longest_first": config.engine.longest_first,
+        "admission": engine.admission.describe() if engine.admission is not None else None,
+        "finished_at": finished.summary(),
         "tokenize_s": round(engine.renderer.tokenize_s - tokenize_before, 3),
         **commit_stats(sorted(watcher.seen.values()), wall),
     }
 
 
-def budget_of(way: str, default: float | None) -> float | None:
-    """``hpcrollout`` -> the config's kv_budget; ``hpcrollout:1.5`` -> 1.5; ``hpcrollout:none`` -> None."""
-    _, _, value = way.partition(":")
-    if not value:
-        return default
-    return None if value.lower() in ("none", "null", "off") else float(value)
+def engine_variant(way: str) -> dict[str, Any]:
+    """engine.* settings of a way: ``hpcrollout:1.5`` (kv_budget 1.5), ``:none`` (no budget), ``:fifo`` (input
+    order), combined with ``+`` (``hpcrollout:none+fifo``: hand everything over in input order, as before)."""
+    _, _, spec = way.partition(":")
+    update: dict[str, Any] = {}
+    for part in filter(None, spec.lower().split("+")):
+        if part in ("none", "null", "off"):
+            update["kv_budget"] = None
+        elif part == "fifo":
+            update["longest_first"] = False
+        else:
+            update["kv_budget"] = float(part)
+    return update
+
+
+class FinishTimes:
+    """When each prompt finished, in seconds from the start of a way (raw: through LLM.chat's progress bar hook)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.times: list[float] = []
+
+    def mark(self, count: int = 1) -> None:
+        now = time.perf_counter() - self.t0
+        self.times += [now] * count
+
+    def bar(self, *args: Any, **kwargs: Any) -> Any:
+        """Stands in for tqdm: LLM.chat wraps its prompt list (returned as is) and its run loop (this object)."""
+        if args:
+            return args[0]
+        self.n, self.format_dict, self.postfix = 0, {"elapsed": 1.0}, ""
+        return self
+
+    def update(self, n: int) -> None:
+        self.n += n
+        self.format_dict["elapsed"] = max(time.perf_counter() - self.t0, 1e-9)
+        self.mark(1)  # one call per finished prompt (n = its samples)
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def summary(self) -> dict[str, float]:
+        t = sorted(self.times)
+        if not t:
+            return {}
+        pick = lambda q: round(t[min(len(t) - 1, int(q * len(t)))], 2)  # noqa: E731
+        return {
+            "p50": pick(0.5),
+            "p90": pick(0.9),
+            "p99": pick(0.99),
+            "second_last": round(t[-2] if len(t) > 1 else t[-1], 2),
+            "last": round(t[-1], 2),
+        }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -265,9 +327,7 @@ def run_ways(args, engine, config, prompts, seeds, lengths, work, stamp, results
                 variant = config.model_copy(
                     update={
                         "run_dir": str(work / f"run-{stamp}-{key.replace(':', '_')}"),
-                        "engine": config.engine.model_copy(
-                            update={"kv_budget": budget_of(way, config.engine.kv_budget)}
-                        ),
+                        "engine": config.engine.model_copy(update=engine_variant(way)),
                     }
                 )
                 res = way_hpcrollout(engine, args, variant)
@@ -305,6 +365,11 @@ def report(summary: dict[str, Any]) -> str:
             notes.append(f"chunks of {res['chunk_prompts']} prompts")
         if "tokenize_s" in res:
             notes.append(f"tokenize {res['tokenize_s']} s")
+        if res.get("finished_at"):
+            f = res["finished_at"]
+            notes.append(
+                f"prompts done at p50 {f['p50']} p90 {f['p90']} p99 {f['p99']} s, last two {f['second_last']} {f['last']} s"
+            )
         if res.get("admission"):
             adm = res["admission"]
             notes.append(

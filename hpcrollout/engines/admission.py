@@ -48,6 +48,7 @@ class Admission:
         block_size: int = 16,
         prefix_caching: bool = True,
         warmup_seqs: int = 2048,
+        longest_first: bool = True,
     ) -> None:
         self.n = n
         self.ignore_eos = ignore_eos
@@ -56,6 +57,7 @@ class Admission:
         self.budget = int(capacity_tokens * fraction) if capacity_tokens and fraction else None
         self.warmup = 4 * n  # finished samples before the learned estimate is trusted
         self.warmup_seqs = warmup_seqs
+        self.longest_first = longest_first
         self._pool: list[_Waiting] = []
         self._order = itertools.count()
         self.reserved = 0
@@ -90,7 +92,7 @@ class Admission:
         return len(self._pool)
 
     def add(self, item: Any, prompt_tokens: int, max_tokens: int) -> None:
-        key = (-self.cost(prompt_tokens, max_tokens), next(self._order))
+        key = (-self.cost(prompt_tokens, max_tokens) if self.longest_first else 0, next(self._order))
         heapq.heappush(self._pool, _Waiting(key, item, prompt_tokens, max_tokens))
 
     def _fits(self, cost: int) -> bool:

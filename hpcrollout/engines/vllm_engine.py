@@ -394,6 +394,7 @@ class VllmEngine(Engine):
             block_size=block_size,
             prefix_caching=bool(cache.enable_prefix_caching),
             warmup_seqs=2 * self.max_num_seqs,
+            longest_first=self.config.engine.longest_first,
         )
 
     def generate(self, requests: Iterable[PromptRequest]) -> Iterator[PromptResult]:
