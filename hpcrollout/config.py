@@ -64,17 +64,21 @@ class EngineConfig(_Section):
     enforce_eager: bool = False
     seed: int = 0
     load_format: str | None = Field(None, description="'dummy' gives random weights (benchmarks without a download).")
-    longest_first: bool = Field(
-        True,
-        description="vLLM backend: submit the read-ahead prompts with the most expected tokens first (false: input order).",
-    )
     kv_budget: float | None = Field(
         1.0,
         gt=0,
         le=4,
         description=(
             "vLLM backend: the prompts in flight may reserve this fraction of the KV cache (prompt + n expected "
-            "outputs each), longest first, so vLLM never has to preempt; null hands vLLM the whole lookahead."
+            "outputs each, at their largest), so vLLM need not preempt and recompute; null hands vLLM the whole "
+            "read-ahead window at once."
+        ),
+    )
+    longest_first: bool = Field(
+        False,
+        description=(
+            "vLLM backend: submit the read-ahead prompts with the most expected tokens first (default: input order, "
+            "which spreads prompt completions, and so checkpoints, over the run)."
         ),
     )
     device: str = Field("auto", description="transformers backend only: cpu, cuda, or auto.")

@@ -154,14 +154,21 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setitem(sys.modules, name, module)
 
 
-def make_engine(kv_budget: float | None, capacity: int, n: int = 4, max_tokens: int = 64, ignore_eos: bool = True):
+def make_engine(
+    kv_budget: float | None,
+    capacity: int,
+    n: int = 4,
+    max_tokens: int = 64,
+    ignore_eos: bool = True,
+    longest_first: bool = False,
+):
     from hpcrollout.engines.vllm_engine import VllmEngine
 
     config = build_config(
         {
             "backend": "vllm",
             "model": {"path": "/nonexistent"},
-            "engine": {"kv_budget": kv_budget},
+            "engine": {"kv_budget": kv_budget, "longest_first": longest_first},
             "sampling": {"n": n, "max_tokens": max_tokens, "ignore_eos": ignore_eos, "seed": 3},
         }
     )
@@ -198,26 +205,23 @@ def test_budget_keeps_the_engine_from_preempting_and_every_prompt_comes_back_onc
     assert 0 < info["peak_reserved_tokens"] <= info["kv_budget_tokens"] == 6000
 
 
-def test_longest_prompts_go_first(fake_vllm):
+def test_longest_first_submits_the_largest_prompts_first(fake_vllm):
     lengths = [16, 200, 32, 16, 120, 48, 16, 300]
-    engine, fake = make_engine(1.0, capacity=100_000, max_tokens=400)
+    engine, fake = make_engine(1.0, capacity=100_000, max_tokens=400, longest_first=True)
     list(engine.generate(requests(lengths)))
     rows = [int(rid.split("-")[0]) for rid in fake.added]
     # most output tokens first; among equals, the longer prompt (requests() gives row r 20 + r % 7 words)
     assert rows == sorted(range(len(lengths)), key=lambda r: (-lengths[r], -(r % 7)))
 
 
-def test_longest_first_off_keeps_the_input_order(fake_vllm):
+def test_by_default_prompts_go_in_input_order(fake_vllm):
     engine, fake = make_engine(1.0, capacity=100_000, max_tokens=400)
-    engine.config = engine.config.model_copy(
-        update={"engine": engine.config.engine.model_copy(update={"longest_first": False})}
-    )
     list(engine.generate(requests([16, 200, 32, 16, 120])))
     assert [int(rid.split("-")[0]) for rid in fake.added] == [0, 1, 2, 3, 4]
 
 
 def test_without_a_budget_everything_is_handed_over_at_once(fake_vllm):
-    engine, fake = make_engine(None, capacity=500, max_tokens=400)
+    engine, fake = make_engine(None, capacity=500, max_tokens=400, longest_first=True)
     stream = engine.generate(requests([16, 200, 32, 16]))
     next(stream)
     assert len(fake.added) == 4  # all submitted before the first result, though the cache holds one prompt
@@ -254,7 +258,9 @@ def test_a_prompt_larger_than_the_budget_still_runs(fake_vllm):
 
 
 def test_without_ignore_eos_the_expected_length_is_learned():
-    adm = Admission(capacity_tokens=100_000, fraction=1.0, n=4, ignore_eos=False, block_size=16, warmup_seqs=8)
+    adm = Admission(
+        capacity_tokens=100_000, fraction=1.0, n=4, ignore_eos=False, block_size=16, warmup_seqs=8, longest_first=True
+    )
     assert adm.fill_ratio is None and adm.cost(100, 1000) == 100 + 4 * (1000 + 16)
     adm.add("a", 100, 1000)
     adm.add("b", 100, 1000)

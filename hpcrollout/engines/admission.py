@@ -1,20 +1,21 @@
-"""Which prompts to hand to the engine next: the longest first, within what the KV cache can hold.
+"""Which prompts to hand to vLLM next, and when: within what its KV cache can hold (optionally longest first).
 
 vLLM admits a waiting request as soon as its *prompt* fits in the KV cache; the sequences then grow, the cache
 runs out, and vLLM preempts the newest ones and later recomputes them. With many long samples in flight
-(n=8 x 2048 tokens is 16k tokens per prompt) that churn costs 10-20% of the GPU's time. Two rules avoid it:
+(n=8 x 2048 tokens is 16k tokens per prompt) that churn costs GPU time, and no prompt finishes until late.
 
-- **Budget**: the prompts in flight may together *reserve* at most ``fraction`` of the KV cache, a prompt
-  reserving what it will hold at its largest: its prompt tokens (shared by its n samples through prefix
-  caching, else n copies) plus n expected outputs (plus a partly filled block each). With ``ignore_eos`` the
-  expected output is exactly the prompt's ``max_tokens``; otherwise it is ``max_tokens`` times the mean
-  fraction of their budget that finished samples used, learned as prompts finish (until ``warmup`` samples
-  have finished, no budget applies and at most ``warmup_seqs`` sequences are kept in flight, about what vLLM
-  can run at once, so the estimate takes over quickly). A prompt larger than half the budget is let in once
-  half of it is free; an empty engine always takes the next prompt.
-- **Longest first**: among the prompts read ahead (the lookahead), the one reserving the most goes first, so
-  the longest requests start early and the short ones fill in around them; the shard's tail is not one long
-  prompt left running alone.
+- **Budget** (``engine.kv_budget``, default 1.0): the prompts in flight may together *reserve* at most that
+  fraction of the KV cache, a prompt reserving what it will hold at its largest: its prompt tokens (shared by
+  its n samples through prefix caching, else n copies) plus n expected outputs (plus a partly filled block
+  each). With ``ignore_eos`` the expected output is exactly the prompt's ``max_tokens``; otherwise it is
+  ``max_tokens`` times the mean fraction of their budget that finished samples used, learned as prompts
+  finish (until ``4 n`` samples have finished, no budget applies and at most ``warmup_seqs`` sequences are kept
+  in flight, about what vLLM can run at once, so the estimate takes over quickly). A prompt larger than half
+  the budget is let in once half of it is free; an empty engine always takes the next prompt. ``None``: no
+  budget, everything read ahead is submitted at once (vLLM's own scheduling, as ``LLM.generate``).
+- **Order** (``engine.longest_first``, default off): input order, or the read-ahead prompt reserving the most
+  first. Longest-first shortens the tail of a small batch, but most prompts then finish near the end, so
+  checkpoints hold little until late; on the H100 benchmarks it did not pay (hpcrollout/benchmarks/RESULTS.md).
 
 The order only changes when a prompt runs, never what it produces: every prompt carries its own seed.
 """
@@ -48,7 +49,7 @@ class Admission:
         block_size: int = 16,
         prefix_caching: bool = True,
         warmup_seqs: int = 2048,
-        longest_first: bool = True,
+        longest_first: bool = False,
     ) -> None:
         self.n = n
         self.ignore_eos = ignore_eos

@@ -4,9 +4,10 @@ How it keeps the GPU at least as busy as one ``LLM.generate`` call on everything
 - vLLM's engine core runs in its own process and schedules whatever requests it holds. A window of at least
   ``_WINDOW_PROMPTS`` prompts is read ahead (refilled as prompts finish), so the core never runs dry and memory
   stays bounded for 10^5-prompt shards.
-- From that window, prompts go to vLLM longest first and only as many as the KV cache can hold at their
-  largest (``engine.kv_budget``, see ``admission.py``): vLLM then never preempts and recomputes sequences,
-  which ``LLM.generate`` on everything does whenever the samples outgrow the cache.
+- From that window, prompts go to vLLM only as fast as the KV cache can hold them at their largest
+  (``engine.kv_budget``, see ``admission.py``): vLLM then need not preempt and recompute sequences, which
+  ``LLM.generate`` on everything does whenever the samples outgrow the cache, and prompts finish (and are
+  checkpointed) steadily instead of all near the end.
 - Prompts are rendered (chat template) and tokenized here in batches, ahead of the engine, and handed over
   as token ids; the time this takes is measured (``describe()["tokenize_s"]``).
 - One request per prompt with ``n`` samples (the prompt's KV is shared by prefix caching) and
@@ -406,7 +407,7 @@ class VllmEngine(Engine):
         size = max(1, min(_TOKENIZE_BATCH, self.window))
         try:
             while True:
-                # Read ahead up to the window (the pool the longest-first order chooses from) ...
+                # Read ahead up to the window ...
                 while not exhausted and len(pool) + len(inflight) + size <= self.window:
                     batch = list(itertools.islice(source, size))
                     exhausted = len(batch) < size
