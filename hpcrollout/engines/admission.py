@@ -89,7 +89,9 @@ class Admission:
         return self.n * (prompt_tokens + per_sample)
 
     # the pool
-    def __len__(self) -> int:
+    @property
+    def waiting(self) -> int:
+        """Prompts read ahead and not yet submitted."""
         return len(self._pool)
 
     def add(self, item: Any, prompt_tokens: int, max_tokens: int) -> None:
@@ -106,7 +108,7 @@ class Admission:
         return self.reserved + min(cost, self.budget // 2) <= self.budget
 
     def take(self) -> tuple[Any, int] | None:
-        """The next prompt to submit and what it reserves, or None while the largest waiting one must wait."""
+        """The next prompt to submit and what it reserves, or None while it must wait for room."""
         if not self._pool:
             return None
         head = self._pool[0]

@@ -408,7 +408,7 @@ class VllmEngine(Engine):
         try:
             while True:
                 # Read ahead up to the window ...
-                while not exhausted and len(pool) + len(inflight) + size <= self.window:
+                while not exhausted and pool.waiting + len(inflight) + size <= self.window:
                     batch = list(itertools.islice(source, size))
                     exhausted = len(batch) < size
                     self._read_ahead(batch, pool, failed)
@@ -422,7 +422,7 @@ class VllmEngine(Engine):
                 while failed:
                     yield failed.pop(0)
                 if not inflight:
-                    if exhausted and not len(pool):
+                    if exhausted and not pool.waiting:
                         return
                     continue
                 for output in self.engine.step():
