@@ -69,9 +69,10 @@ class EngineConfig(_Section):
         gt=0,
         le=4,
         description=(
-            "vLLM backend: the prompts in flight may reserve this fraction of the KV cache (prompt + n expected "
-            "outputs each, at their largest), so vLLM need not preempt and recompute; null hands vLLM the whole "
-            "read-ahead window at once."
+            "vLLM backend: a prompt is handed to vLLM only while the projected KV-cache usage of everything in "
+            "flight (each sample growing to its known or learned length) stays within this fraction of the cache "
+            "at every future step, so vLLM need not preempt and recompute; null hands vLLM the whole read-ahead "
+            "window at once."
         ),
     )
     longest_first: bool = Field(

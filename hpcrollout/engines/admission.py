@@ -1,31 +1,60 @@
-"""Which prompts to hand to vLLM next, and when: within what its KV cache can hold (optionally longest first).
+"""Which prompts to hand to vLLM next, and when: by the projected KV-cache peak of everything in flight.
 
 vLLM admits a waiting request as soon as its *prompt* fits in the KV cache; the sequences then grow, the cache
 runs out, and vLLM preempts the newest ones and later recomputes them. With many long samples in flight
 (n=8 x 2048 tokens is 16k tokens per prompt) that churn costs GPU time, and no prompt finishes until late.
 
-- **Budget** (``engine.kv_budget``, default 1.0): the prompts in flight may together *reserve* at most that
-  fraction of the KV cache, a prompt reserving what it will hold at its largest: its prompt tokens (shared by
-  its n samples through prefix caching, else n copies) plus n expected outputs (plus a partly filled block
-  each). With ``ignore_eos`` the expected output is exactly the prompt's ``max_tokens``; otherwise it is
-  ``max_tokens`` times the mean fraction of their budget that finished samples used, learned as prompts
-  finish (until ``4 n`` samples have finished, no budget applies and at most ``warmup_seqs`` sequences are kept
-  in flight, about what vLLM can run at once, so the estimate takes over quickly). A prompt larger than half
-  the budget is let in once half of it is free; an empty engine always takes the next prompt. ``None``: no
-  budget, everything read ahead is submitted at once (vLLM's own scheduling, as ``LLM.generate``).
-- **Order** (``engine.longest_first``, default off): input order, or the read-ahead prompt reserving the most
-  first. Longest-first shortens the tail of a small batch, but most prompts then finish near the end, so
-  checkpoints hold little until late; on the H100 benchmarks it did not pay (hpcrollout/benchmarks/RESULTS.md).
+**Projected peak** (``engine.kv_budget``, default 1.0 = the whole cache). A prompt is handed over only if the
+KV cache that everything in flight will hold, projected forward step by step, stays within the budget at
+every future step with the newcomer added. The projection follows what vLLM 0.26 allocates
+(v1/core/kv_cache_manager.py, blocks of ``block_size`` tokens):
 
-The order only changes when a prompt runs, never what it produces: every prompt carries its own seed.
+- each running sample holds the blocks of its own tokens (with prefix caching, the prompt's *full* blocks are
+  shared by the n samples of a prompt and its partial last block is each sample's own; without it, each
+  sample holds the whole prompt), grows one token a step, and frees its blocks when it finishes; the shared
+  prompt blocks are freed with the prompt's last sample;
+- a sample's final length is known with ``ignore_eos`` and a per-prompt or run ``max_tokens`` (its remaining
+  budget), and the projection is exact (up to the blocks' rounding, which it counts high); otherwise the
+  lengths of samples that finished already are the distribution: a sample that has generated g tokens is
+  alive k steps later with the probability that a finished sample was longer than g + k, given longer than
+  g, and the projected usage is the expectation over all samples (until ``4 n`` samples have finished, each
+  is projected to run to its ``max_tokens``);
+- how far each sample has got is read from the engine's outputs as they stream (``advance``) or, where the
+  engine does not say, counted in steps (``tick``).
+
+With known lengths the usage is piecewise linear between finishes, so its peak over the future is one of the
+moments just before a sample finishes: the check is a max over those, vectorized; with learned lengths it is
+a max over a grid of future steps. Staggered prompts then share the cache
+instead of each reserving its largest size from the start (the rule before: a prompt reserved
+``prompt + n x max_tokens`` for its whole life), so the batch stays large and prompts finish steadily, which
+is what the checkpoint interval needs. When lengths turn out longer than projected, vLLM's own preemption is
+the safety net; the backend counts how often it fires.
+
+Other rules: an empty engine always takes the next prompt (one larger than the budget still runs); at most
+``max_seqs`` samples are in flight (vLLM's ``max_num_seqs``: more would only wait inside vLLM, where the
+projection would count them as growing). ``kv_budget: None`` turns it all off: everything read ahead is
+submitted at once (vLLM's own scheduling, as ``LLM.generate``).
+
+**Order** (``engine.longest_first``, default off): input order, or the read-ahead prompt with the most
+expected tokens first. The order only changes when a prompt runs, never what it produces: every prompt
+carries its own seed.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+
+_LENGTHS_KEPT = 4096  # finished samples' budget fractions kept for the length projection (most recent)
+# Progress alone rebuilds the projection at most this often (a rebuild over ~1000 samples takes milliseconds
+# of the engine's client process; a few steps of growth in between are ~1% of the cache); a prompt that
+# leaves the engine rebuilds it at once, since that is when room appears.
+_REBUILD_S = 0.1
 
 
 @dataclass(order=True)
@@ -36,8 +65,22 @@ class _Waiting:
     max_tokens: int = field(compare=False)
 
 
+@dataclass
+class _Flight:
+    """A prompt handed to the engine: its size and how far each of its samples has got."""
+
+    prompt_tokens: int
+    max_tokens: int
+    generated: list[int]
+    finished: list[bool]
+
+    @property
+    def running(self) -> int:
+        return self.finished.count(False)
+
+
 class Admission:
-    """A lookahead pool of tokenized prompts and the KV-cache budget of those in flight."""
+    """A lookahead pool of tokenized prompts, and the projected KV-cache usage of those in flight."""
 
     def __init__(
         self,
@@ -48,94 +91,322 @@ class Admission:
         ignore_eos: bool,
         block_size: int = 16,
         prefix_caching: bool = True,
-        warmup_seqs: int = 2048,
+        max_seqs: int | None = None,
         longest_first: bool = False,
     ) -> None:
         self.n = n
         self.ignore_eos = ignore_eos
-        self.block_size = block_size
+        self.block_size = max(1, int(block_size))
         self.prefix_caching = prefix_caching
         self.budget = int(capacity_tokens * fraction) if capacity_tokens and fraction else None
-        self.warmup = 4 * n  # finished samples before the learned estimate is trusted
-        self.warmup_seqs = warmup_seqs
+        self.max_seqs = max_seqs
+        self.warmup = 4 * n  # finished samples before their lengths are trusted for the projection
         self.longest_first = longest_first
         self._pool: list[_Waiting] = []
         self._order = itertools.count()
-        self.reserved = 0
-        self.inflight_seqs = 0
-        self.peak_reserved = 0
-        self.held_back = 0  # calls that found the next prompt waiting for room
-        self._used_tokens = 0  # finished samples: tokens generated ...
-        self._budget_tokens = 0  # ... out of the max_tokens they were given
-        self._finished_samples = 0
+        self._keys = itertools.count()
+        self.flights: dict[int, _Flight] = {}
+        self.inflight_seqs = 0  # samples handed over and not finished
+        self.peak_projected = 0  # the largest projected peak an admission was allowed at
+        self.held_back = 0  # checks that found the next prompt waiting for room
+        self.admitted = 0
+        self._fractions: list[float] = []  # finished samples: tokens used / max_tokens, most recent last
+        self._sorted: np.ndarray | None = None  # ... sorted, with suffix sums, for conditional means
+        self._suffix: np.ndarray | None = None
+        self._round: _Projection | _ExpectedProjection | None = None
+        self._longest_budget = 1  # the largest max_tokens seen: how far ahead a projection looks
+        self._stale = False  # progress since the projection was built (it is rebuilt at most every _REBUILD_S)
+        self._built = 0.0
+        self.rebuild_s = _REBUILD_S
 
-    # estimates
+    # ------------------------------------------------------------------------------------------- lengths
+    @property
+    def learned(self) -> bool:
+        return self.ignore_eos or len(self._fractions) >= self.warmup
+
     @property
     def fill_ratio(self) -> float | None:
-        """Expected output / max_tokens: 1 with ignore_eos, learned otherwise (None while warming up)."""
+        """Mean output / max_tokens of finished samples: 1 with ignore_eos, None while warming up."""
         if self.ignore_eos:
             return 1.0
-        if self._finished_samples < self.warmup or not self._budget_tokens:
+        if not self.learned:
             return None
-        return min(1.0, max(self._used_tokens / self._budget_tokens, 1e-3))
+        return min(1.0, max(float(np.mean(self._fractions)), 1e-3))
+
+    def expected_length(self, generated: int, max_tokens: int) -> int:
+        """The projected final length of a sample that has generated ``generated`` of its ``max_tokens``."""
+        if self.ignore_eos or not self.learned:
+            return max_tokens
+        if self._sorted is None:
+            self._sorted = np.sort(np.asarray(self._fractions, dtype=np.float64))
+            self._suffix = np.concatenate([np.cumsum(self._sorted[::-1])[::-1], [0.0]])
+        frac = generated / max_tokens if max_tokens else 1.0
+        i = int(np.searchsorted(self._sorted, frac, side="right"))
+        if i >= len(self._sorted):  # longer than every finished sample so far: its budget bounds it
+            return max_tokens
+        mean = self._suffix[i] / (len(self._sorted) - i)
+        return int(min(max_tokens, max(generated + 1, round(mean * max_tokens))))
+
+    def _learn(self, used: int, budget: int) -> None:
+        if budget <= 0:
+            return
+        self._fractions.append(min(1.0, used / budget))
+        if len(self._fractions) > _LENGTHS_KEPT:
+            del self._fractions[: len(self._fractions) - _LENGTHS_KEPT]
+        self._sorted = self._suffix = None
+
+    # ------------------------------------------------------------------------------------------- sizes
+    def _blocks(self, tokens: int | np.ndarray) -> Any:
+        return -(-tokens // self.block_size) * self.block_size
+
+    def _shared(self, prompt_tokens: int) -> int:
+        """Prompt tokens in blocks shared by the n samples (full blocks, with prefix caching)."""
+        return (prompt_tokens // self.block_size) * self.block_size if self.prefix_caching else 0
+
+    def _own(self, prompt_tokens: int) -> int:
+        """Prompt tokens each sample holds in blocks of its own."""
+        return prompt_tokens - self._shared(prompt_tokens)
 
     def cost(self, prompt_tokens: int, max_tokens: int) -> int:
-        """KV tokens a prompt of this size holds at its largest (with the current estimate of its outputs)."""
-        ratio = self.fill_ratio
-        expected = max_tokens if ratio is None else max(1, round(max_tokens * ratio))
-        per_sample = expected + self.block_size  # each sample's last block is partly filled
-        if self.prefix_caching:
-            return prompt_tokens + self.n * per_sample
-        return self.n * (prompt_tokens + per_sample)
+        """KV tokens a prompt of this size holds at its largest (all n samples at their projected length)."""
+        length = self.expected_length(0, max_tokens)
+        return self._shared(prompt_tokens) + self.n * int(self._blocks(self._own(prompt_tokens) + length))
 
-    # the pool
+    # ------------------------------------------------------------------------------------------- the pool
     @property
     def waiting(self) -> int:
         """Prompts read ahead and not yet submitted."""
         return len(self._pool)
 
-    def add(self, item: Any, prompt_tokens: int, max_tokens: int) -> None:
-        key = (-self.cost(prompt_tokens, max_tokens) if self.longest_first else 0, next(self._order))
-        heapq.heappush(self._pool, _Waiting(key, item, prompt_tokens, max_tokens))
+    @property
+    def reserved(self) -> int:
+        """KV tokens the prompts in flight hold now (as projected from their progress)."""
+        return sum(self._holds(f) for f in self.flights.values())
 
-    def _fits(self, cost: int) -> bool:
-        if self.inflight_seqs == 0:
-            return True
-        if self.budget is None:
-            return True
-        if self.fill_ratio is None:  # warming up: keep about what vLLM can run at once
-            return self.inflight_seqs + self.n <= self.warmup_seqs
-        return self.reserved + min(cost, self.budget // 2) <= self.budget
+    def _holds(self, f: _Flight) -> int:
+        own = self._own(f.prompt_tokens)
+        held = sum(int(self._blocks(own + g)) for g, done in zip(f.generated, f.finished) if not done)
+        return held + (self._shared(f.prompt_tokens) if f.running else 0)
+
+    def add(self, item: Any, prompt_tokens: int, max_tokens: int) -> None:
+        size = prompt_tokens + self.n * self.expected_length(0, max_tokens)
+        key = (-size if self.longest_first else 0, next(self._order))
+        self._longest_budget = max(self._longest_budget, max_tokens)
+        heapq.heappush(self._pool, _Waiting(key, item, prompt_tokens, max(1, max_tokens)))
 
     def take(self) -> tuple[Any, int] | None:
-        """The next prompt to submit and what it reserves, or None while it must wait for room."""
+        """The next prompt to submit and its flight key, or None while it must wait for room."""
         if not self._pool:
             return None
         head = self._pool[0]
-        cost = self.cost(head.prompt_tokens, head.max_tokens)  # with the estimate as it is now
-        if not self._fits(cost):
-            self.held_back += 1
-            return None
+        if self.inflight_seqs and self.budget is not None:
+            if self.max_seqs is not None and self.inflight_seqs + self.n > self.max_seqs:
+                self.held_back += 1
+                return None
+            now = time.monotonic()
+            if self._round is None or (self._stale and now - self._built >= self.rebuild_s):
+                self._round = _ExpectedProjection(self) if self.learned and not self.ignore_eos else _Projection(self)
+                self._built, self._stale = now, False
+            peak = self._round.peak_with(head.prompt_tokens, head.max_tokens)
+            if peak > self.budget:
+                self.held_back += 1
+                return None
+            self.peak_projected = max(self.peak_projected, peak)
+        elif self.budget is not None:
+            self.peak_projected = max(self.peak_projected, self.cost(head.prompt_tokens, head.max_tokens))
         heapq.heappop(self._pool)
-        self.reserved += cost
+        key = next(self._keys)
+        self.flights[key] = _Flight(head.prompt_tokens, head.max_tokens, [0] * self.n, [False] * self.n)
         self.inflight_seqs += self.n
-        self.peak_reserved = max(self.peak_reserved, self.reserved)
-        return head.item, cost
+        self.admitted += 1
+        if self._round is not None:
+            self._round.admitted(head.prompt_tokens, head.max_tokens)
+        return head.item, key
 
-    def done(self, cost: int, samples: list[tuple[int, int]] = ()) -> None:
-        """A prompt left the engine: free its reservation; learn from its samples' (tokens, max_tokens)."""
-        self.reserved -= cost
-        self.inflight_seqs -= self.n
-        for used, budget in samples:
-            self._used_tokens += used
-            self._budget_tokens += budget
-            self._finished_samples += 1
+    # ------------------------------------------------------------------------------------------- progress
+    def advance(self, key: int, sample: int, tokens: int, finished: bool) -> None:
+        """Sample ``sample`` of flight ``key`` generated ``tokens`` more; ``finished``: it is done."""
+        f = self.flights.get(key)
+        if f is None or not 0 <= sample < self.n or f.finished[sample]:
+            return
+        f.generated[sample] += tokens
+        if finished:
+            f.finished[sample] = True
+            self.inflight_seqs -= 1
+            self._learn(f.generated[sample], f.max_tokens)
+        self._stale = True
+
+    def tick(self) -> None:
+        """One engine step passed, for an engine that does not report progress: every running sample grew a token."""
+        for f in self.flights.values():
+            for i, done in enumerate(f.finished):
+                if not done:
+                    f.generated[i] = min(f.generated[i] + 1, f.max_tokens - 1)
+        self._stale = True
+
+    def done(self, key: int, samples: list[tuple[int, int]] = ()) -> None:
+        """Flight ``key`` left the engine (all samples done, or rejected): free it; learn unseen samples' lengths."""
+        f = self.flights.pop(key, None)
+        if f is None:
+            return
+        seen = [i for i, done in enumerate(f.finished) if done]
+        self.inflight_seqs -= f.running
+        for i, (used, budget) in enumerate(samples):
+            if i not in seen:  # progress did not report it: learn its length now
+                self._learn(used, budget)
+        self._round = None
 
     def describe(self) -> dict[str, Any]:
         ratio = self.fill_ratio
         return {
+            "rule": "projected peak",
             "kv_budget_tokens": self.budget,
-            "peak_reserved_tokens": self.peak_reserved,
+            "peak_projected_tokens": self.peak_projected,
             "expected_fill_ratio": None if ratio is None else round(ratio, 4),
+            "admitted": self.admitted,
             "held_back": self.held_back,
         }
+
+
+class _Projection:
+    """Projected KV usage U(k) of the flights, k steps ahead, at the moments it can peak.
+
+    Built once per change of progress; admissions between changes are added to it in place. U(k) counts a
+    sample with r steps left as alive for k <= r (at its full length just before it finishes) and a prompt's
+    shared blocks while any of its samples is alive, so max U over the future is the max over k in the set
+    of remaining-step counts.
+    """
+
+    def __init__(self, adm: Admission) -> None:
+        self.adm = adm
+        rem, base, p_rem, p_shared = [], [], [], []
+        for f in adm.flights.values():
+            own = adm._own(f.prompt_tokens)
+            longest = 0
+            for g, done in zip(f.generated, f.finished):
+                if done:
+                    continue
+                r = max(1, adm.expected_length(g, f.max_tokens) - g)
+                rem.append(r)
+                base.append(own + g + adm.block_size - 1)  # + k at step k; the last block partly filled
+                longest = max(longest, r)
+            if longest:
+                p_rem.append(longest)
+                p_shared.append(adm._shared(f.prompt_tokens))
+        self.rem = np.asarray(rem, dtype=np.int64)
+        order = np.argsort(self.rem, kind="stable")
+        self.rem = self.rem[order]
+        self.base_suffix = _suffix_sums(np.asarray(base, dtype=np.int64)[order])
+        self.p_rem = np.asarray(p_rem, dtype=np.int64)
+        porder = np.argsort(self.p_rem, kind="stable")
+        self.p_rem = self.p_rem[porder]
+        self.shared_suffix = _suffix_sums(np.asarray(p_shared, dtype=np.int64)[porder])
+        self.grid = np.unique(self.rem)
+        self.usage = self._existing(self.grid)
+        self.new: list[tuple[int, int, int]] = []  # admitted since: (steps left, base per sample, shared)
+
+    def _existing(self, k: np.ndarray) -> np.ndarray:
+        """U(k) of the flights the projection was built from."""
+        i = np.searchsorted(self.rem, k, side="left")  # samples with rem >= k are alive at k
+        alive = len(self.rem) - i
+        j = np.searchsorted(self.p_rem, k, side="left")
+        return self.base_suffix[i] + alive * k + self.shared_suffix[j]
+
+    def _newcomer(self, prompt_tokens: int, max_tokens: int) -> tuple[int, int, int]:
+        adm = self.adm
+        length = adm.expected_length(0, max_tokens)
+        return length, adm._own(prompt_tokens) + adm.block_size - 1, adm._shared(prompt_tokens)
+
+    def _usage_at(self, k: int) -> int:
+        total = int(self._existing(np.asarray([k]))[0])
+        n = self.adm.n
+        return total + sum(n * (b + k) + s for r, b, s in self.new if k <= r)
+
+    def peak_with(self, prompt_tokens: int, max_tokens: int) -> int:
+        """max over the future of U(k) with this prompt added."""
+        r, base, shared = self._newcomer(prompt_tokens, max_tokens)
+        n = self.adm.n
+        own_peak = self._usage_at(r) + n * (base + r) + shared
+        upto = int(np.searchsorted(self.grid, r, side="right"))
+        if not upto:
+            return own_peak
+        k = self.grid[:upto]
+        return max(own_peak, int((self.usage[:upto] + n * (base + k) + shared).max()))
+
+    def admitted(self, prompt_tokens: int, max_tokens: int) -> None:
+        r, base, shared = self._newcomer(prompt_tokens, max_tokens)
+        n = self.adm.n
+        self.usage = self.usage + np.where(self.grid <= r, n * (base + self.grid) + shared, 0)
+        self.new.append((r, base, shared))
+        i = int(np.searchsorted(self.grid, r))
+        if i == len(self.grid) or self.grid[i] != r:
+            self.grid = np.insert(self.grid, i, r)
+            self.usage = np.insert(self.usage, i, self._usage_at(r))
+
+
+class _ExpectedProjection:
+    """Expected KV usage k steps ahead when lengths are learned, not known, on a grid of k.
+
+    A sample with g of m tokens generated holds ``own + g + k`` tokens k steps ahead if it is still running,
+    which it is with probability S(k) = P(F m > g + k) / P(F m > g), F the finished samples' fractions of
+    their budget; a prompt's shared blocks stay while any of its samples may run (the largest S).
+    """
+
+    _POINTS = 48
+
+    def __init__(self, adm: Admission) -> None:
+        self.adm = adm
+        self.fractions = np.sort(np.asarray(adm._fractions, dtype=np.float64))
+        flights = [f for f in adm.flights.values() if f.running]
+        horizon = max([adm._longest_budget] + [f.max_tokens for f in flights])
+        self.grid = np.unique(np.linspace(0, horizon, self._POINTS).astype(np.int64))
+        self.usage = np.zeros(len(self.grid), dtype=np.float64)
+        own, gen, budget, prompt = [], [], [], []
+        for i, f in enumerate(flights):
+            for g, done in zip(f.generated, f.finished):
+                if not done:
+                    own.append(adm._own(f.prompt_tokens))
+                    gen.append(g)
+                    budget.append(f.max_tokens)
+                    prompt.append(i)
+        if own:
+            gen_a, budget_a = np.asarray(gen, dtype=np.float64), np.asarray(budget, dtype=np.float64)
+            alive = self._survival(gen_a, budget_a)  # samples x grid
+            # the last block is half full on average (an expectation, like the rest of this projection)
+            held = (np.asarray(own, dtype=np.float64)[:, None] + gen_a[:, None] + self.grid[None, :]) + (
+                adm.block_size / 2
+            )
+            self.usage += (held * alive).sum(axis=0)
+            shared = np.asarray([adm._shared(f.prompt_tokens) for f in flights], dtype=np.float64)
+            any_alive = np.zeros((len(flights), len(self.grid)))
+            np.maximum.at(any_alive, np.asarray(prompt), alive)
+            self.usage += (shared[:, None] * any_alive).sum(axis=0)
+
+    def _survival(self, generated: np.ndarray, budget: np.ndarray) -> np.ndarray:
+        """P(still running k steps ahead) per sample and grid point."""
+        f = self.fractions
+        total = len(f)
+        now = total - np.searchsorted(f, generated / budget, side="right")
+        later = total - np.searchsorted(f, (generated[:, None] + self.grid[None, :]) / budget[:, None], side="right")
+        cap = (generated[:, None] + self.grid[None, :]) < budget[:, None]  # no sample outlives its budget
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(now[:, None] > 0, later / np.maximum(now[:, None], 1), 1.0)  # beyond all seen: to budget
+        return np.where(cap, ratio, 0.0)
+
+    def _curve(self, prompt_tokens: int, max_tokens: int) -> np.ndarray:
+        adm = self.adm
+        alive = self._survival(np.zeros(1), np.asarray([float(max_tokens)]))[0]
+        per_sample = (adm._own(prompt_tokens) + self.grid + adm.block_size / 2) * alive
+        any_alive = 1.0 - (1.0 - alive) ** adm.n
+        return adm.n * per_sample + adm._shared(prompt_tokens) * any_alive
+
+    def peak_with(self, prompt_tokens: int, max_tokens: int) -> int:
+        return int(np.ceil((self.usage + self._curve(prompt_tokens, max_tokens)).max()))
+
+    def admitted(self, prompt_tokens: int, max_tokens: int) -> None:
+        self.usage = self.usage + self._curve(prompt_tokens, max_tokens)
+
+
+def _suffix_sums(values: np.ndarray) -> np.ndarray:
+    """out[i] = values[i:].sum(), with out[len] = 0."""
+    return np.concatenate([np.cumsum(values[::-1])[::-1], [0]]).astype(np.int64)

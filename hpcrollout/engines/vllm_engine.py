@@ -4,10 +4,11 @@ How it keeps the GPU at least as busy as one ``LLM.generate`` call on everything
 - vLLM's engine core runs in its own process and schedules whatever requests it holds. A window of at least
   ``_WINDOW_PROMPTS`` prompts is read ahead (refilled as prompts finish), so the core never runs dry and memory
   stays bounded for 10^5-prompt shards.
-- From that window, prompts go to vLLM only as fast as the KV cache can hold them at their largest
-  (``engine.kv_budget``, see ``admission.py``): vLLM then need not preempt and recompute sequences, which
-  ``LLM.generate`` on everything does whenever the samples outgrow the cache, and prompts finish (and are
-  checkpointed) steadily instead of all near the end.
+- From that window, prompts go to vLLM only while the projected KV-cache peak of everything in flight stays
+  within the cache (``engine.kv_budget``, see ``admission.py``), the progress of every sample read from
+  vLLM's output stream: vLLM then need not preempt and recompute sequences, which ``LLM.generate`` on
+  everything does whenever the samples outgrow the cache, staggered prompts share the cache instead of each
+  reserving its largest size, and prompts finish (and are checkpointed) steadily instead of all near the end.
 - Prompts are rendered (chat template) and tokenized here in batches, ahead of the engine, and handed over
   as token ids; the time this takes is measured (``describe()["tokenize_s"]``).
 - One request per prompt with ``n`` samples (the prompt's KV is shared by prefix caching) and
@@ -294,6 +295,9 @@ class VllmEngine(Engine):
         self._ids = itertools.count()
         self.window = max(_WINDOW_PROMPTS, -(-4 * self.max_num_seqs // config.sampling.n))
         self.admission: Admission | None = None
+        self._flight_keys: dict[str, int] = {}  # request id -> admission flight key, while in flight
+        self.generated_tokens = 0  # output tokens the engine has generated, counted as they stream
+        self.preemptions = 0  # vLLM preemptions seen (counted when vLLM's stats are on: disable_log_stats false)
         log.info(
             "vLLM %s ready in %.1f s (max_model_len %d, max_num_seqs %d, compile cache %s)",
             self._vllm_version,
@@ -327,6 +331,8 @@ class VllmEngine(Engine):
         }
         if self.admission is not None:
             info["admission"] = self.admission.describe()
+        info["generated_tokens"] = self.generated_tokens
+        info["preemptions"] = self.preemptions
         with contextlib.suppress(Exception):  # NVML, no CUDA context in this process
             from vllm.platforms import current_platform
 
@@ -369,7 +375,7 @@ class VllmEngine(Engine):
                 pool.add((request, ids), len(ids), max_tokens)
 
     def _submit(
-        self, request: PromptRequest, ids: list[int], cost: int, inflight: dict[str, tuple[PromptRequest, int]]
+        self, request: PromptRequest, ids: list[int], key: int, inflight: dict[str, tuple[PromptRequest, int]]
     ) -> PromptResult | None:
         """Hand one prompt to vLLM; None, or the error record if vLLM rejects it."""
         from vllm.inputs import tokens_input
@@ -380,7 +386,8 @@ class VllmEngine(Engine):
             self.engine.add_request(request_id, tokens_input(ids), self._params(request))
         except Exception as exc:  # vLLM rejected this one prompt (length, vocabulary, parameters)
             return PromptResult.failed(request, f"vLLM rejected the prompt: {type(exc).__name__}: {exc}")
-        inflight[request_id] = (request, cost)
+        inflight[request_id] = (request, key)
+        self._flight_keys[request_id] = key
         return None
 
     def _admission(self) -> Admission:
@@ -394,14 +401,53 @@ class VllmEngine(Engine):
             ignore_eos=sp.ignore_eos,
             block_size=block_size,
             prefix_caching=bool(cache.enable_prefix_caching),
-            warmup_seqs=2 * self.max_num_seqs,
+            max_seqs=self.max_num_seqs,
             longest_first=self.config.engine.longest_first,
         )
+
+    # progress, read from the engine's outputs as they stream
+    def _watch_outputs(self) -> bool:
+        """Hook vLLM's output processor: every step's new tokens per sample reach the admission and the token
+        counter, and (with stats on) its preemptions are counted. False where this vLLM has no such hook."""
+        processor = getattr(self.engine, "output_processor", None)
+        original = getattr(processor, "process_outputs", None)
+        states = getattr(processor, "request_states", None)
+        if original is None or not isinstance(states, dict):
+            return False
+        if getattr(original, "_hpcrollout", False):
+            return True
+
+        def process_outputs(outputs: Any, *args: Any, **kwargs: Any) -> Any:
+            self._observe(outputs, states)
+            result = original(outputs, *args, **kwargs)
+            stats = kwargs.get("iteration_stats", args[1] if len(args) > 1 else None)
+            self.preemptions += int(getattr(stats, "num_preempted_reqs", 0) or 0)
+            return result
+
+        process_outputs._hpcrollout = True  # type: ignore[attr-defined]
+        processor.process_outputs = process_outputs  # the instance attribute shadows the method
+        return True
+
+    def _observe(self, outputs: Any, states: dict[str, Any]) -> None:
+        pool, flights = self.admission, self._flight_keys
+        tokens = 0
+        for out in outputs:
+            new = len(out.new_token_ids)
+            tokens += new
+            state = states.get(out.request_id)
+            if pool is None or state is None:
+                continue
+            key = flights.get(state.external_req_id)
+            if key is not None:
+                pool.advance(key, state.request_index, new, out.finish_reason is not None)
+        self.generated_tokens += tokens
 
     def generate(self, requests: Iterable[PromptRequest]) -> Iterator[PromptResult]:
         source = iter(requests)
         pool = self.admission = self._admission()
+        watched = self._watch_outputs()
         inflight: dict[str, tuple[PromptRequest, int]] = {}
+        self._flight_keys = {}
         failed: list[PromptResult] = []
         exhausted = False
         size = max(1, min(_TOKENIZE_BATCH, self.window))
@@ -412,12 +458,12 @@ class VllmEngine(Engine):
                     batch = list(itertools.islice(source, size))
                     exhausted = len(batch) < size
                     self._read_ahead(batch, pool, failed)
-                # ... and submit what the KV budget has room for (at most a window in flight).
+                # ... and submit what the projected KV peak has room for (at most a window in flight).
                 while len(inflight) < self.window and (taken := pool.take()) is not None:
-                    (request, ids), cost = taken
-                    rejected = self._submit(request, ids, cost, inflight)
+                    (request, ids), key = taken
+                    rejected = self._submit(request, ids, key, inflight)
                     if rejected is not None:
-                        pool.done(cost)
+                        pool.done(key)
                         failed.append(rejected)
                 while failed:
                     yield failed.pop(0)
@@ -425,19 +471,24 @@ class VllmEngine(Engine):
                     if exhausted and not pool.waiting:
                         return
                     continue
-                for output in self.engine.step():
+                outputs = self.engine.step()
+                if not watched:
+                    pool.tick()
+                for output in outputs:
                     if output.finished and output.request_id in inflight:
-                        request, cost = inflight.pop(output.request_id)
+                        request, key = inflight.pop(output.request_id)
+                        self._flight_keys.pop(output.request_id, None)
                         result = self._result(request, output)
                         budget = min(
                             request.max_tokens or self.config.sampling.max_tokens,
                             self.max_model_len - result.prompt_tokens,
                         )
-                        pool.done(cost, [(s.num_tokens, budget) for s in result.samples])
+                        pool.done(key, [(s.num_tokens, budget) for s in result.samples])
                         yield result
         finally:
             if inflight:  # generator closed early or an error: leave the engine clean for the next shard
                 self.engine.abort_request(list(inflight))
+            self._flight_keys = {}
 
     def _result(self, request: PromptRequest, output: Any) -> PromptResult:
         sp = self.config.sampling
