@@ -75,6 +75,14 @@ class EngineConfig(_Section):
             "window at once."
         ),
     )
+    compile_cache: str = Field(
+        "shared",
+        description=(
+            "vLLM backend: where torch.compile artifacts go. 'shared' (default): VLLM_CACHE_ROOT if set, else "
+            "vLLM's own ~/.cache/vllm, so every run after the first starts warm; 'run': RUN_DIR/cache/vllm, "
+            "private to the run; or a directory (on a filesystem every node sees)."
+        ),
+    )
     longest_first: bool = Field(
         False,
         description=(

@@ -388,8 +388,21 @@ class TaskRunner:
 
         self.finishing.append(self.finisher.submit(job))
 
+    def _on_step(self) -> None:
+        """Between results: commit what is due by time (every_seconds) and keep the heartbeats fresh."""
+        now = time.monotonic()
+        if now - self._last_tick < 1.0:
+            return
+        self._last_tick = now
+        for run in list(self.runs.values()):
+            if run.pending:
+                run.commit()
+            run.heartbeat()
+
     def run(self, should_stop: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
         stopped = False
+        self._last_tick = time.monotonic()
+        self.engine.on_step = self._on_step
         try:
             while not stopped and not self.source.exhausted:
                 results = self.engine.generate(self._stream())
@@ -415,6 +428,7 @@ class TaskRunner:
                 run.heartbeat(force=True, state="stopped")
                 self.results.append({"shard": run.shard, "state": "stopped"})
         finally:
+            self.engine.on_step = None
             for run in list(self.runs.values()):
                 _active.pop(run.shard, None)
             self.finisher.shutdown(wait=True)

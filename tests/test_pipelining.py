@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 
 import pyarrow.parquet as pq
@@ -53,3 +54,40 @@ def test_next_shard_is_fed_before_the_previous_drains(tmp_path, tiny_model):
     assert pulls == list(range(15))  # each prompt once, in order
     merge_run(rundir.root, tmp_path / "m.parquet")
     assert pq.read_table(tmp_path / "m.parquet").num_rows == 15
+
+
+class SlowTailEngine(Engine):
+    """Finishes the first prompt at once, then keeps stepping (as vLLM does on long samples) without finishing
+    another until the first prompt's part file is on disk, or a deadline passes."""
+
+    name = "slow-tail"
+
+    def __init__(self, config, parts_dir) -> None:
+        super().__init__(config)
+        self.parts_dir, self.committed_while_stepping = parts_dir, False
+
+    def generate(self, requests: Iterable[PromptRequest]) -> Iterator[PromptResult]:
+        reqs = list(requests)
+
+        def result(req: PromptRequest) -> PromptResult:
+            samples = [Sample(text="r", num_tokens=1, finish_reason="stop", seed=req.seed + i) for i in range(3)]
+            return PromptResult(uid=req.uid, row=req.row, samples=samples, prompt_tokens=1)
+
+        yield result(reqs[0])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not self.committed_while_stepping:
+            self.stepped()  # one engine step, no prompt finished
+            self.committed_while_stepping = any(self.parts_dir.glob("part-*.parquet"))
+            time.sleep(0.01)
+        for req in reqs[1:]:
+            yield result(req)
+
+
+def test_finished_prompts_are_committed_on_time_while_no_other_prompt_finishes(tmp_path, tiny_model):
+    inp = write_input(tmp_path / "in.parquet", make_prompts(6))
+    config = make_config(tmp_path, tiny_model, inp, checkpoint={"every_prompts": 100, "every_seconds": 0.2})
+    rundir = prepare_run(config)
+    engine = SlowTailEngine(config, rundir.parts_dir(0))
+    results = TaskRunner(rundir, config, engine, ShardSource(rundir, [0])).run()
+    assert results[0]["state"] == "done"
+    assert engine.committed_while_stepping  # the first prompt's commit did not wait for the second result

@@ -77,6 +77,8 @@ def build_config(args: argparse.Namespace, model_dir: Path, run_dir: Path, input
     }
     if args.max_num_seqs:
         engine["max_num_seqs"] = args.max_num_seqs
+    # vLLM's stats on (for every way alike): the backend's output hook then counts preemptions per way
+    engine["kwargs"] = {"disable_log_stats": False}
     tree = {
         "run_dir": str(run_dir),
         "backend": "vllm",
@@ -263,6 +265,7 @@ class FinishTimes:
             return {}
         pick = lambda q: round(t[min(len(t) - 1, int(q * len(t)))], 2)  # noqa: E731
         return {
+            "first": round(t[0], 2),
             "p50": pick(0.5),
             "p90": pick(0.9),
             "p99": pick(0.99),
@@ -315,32 +318,72 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+class WayCounters:
+    """What the engine did during one way: when the first request reached vLLM, preemptions, tokens generated."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.first_submit = engine, None
+
+    def __enter__(self) -> WayCounters:
+        self.t0 = time.perf_counter()
+        self.preemptions, self.tokens = self.engine.preemptions, self.engine.generated_tokens
+        core = self.engine.engine
+        self.original = core.add_request
+
+        def add_request(*args: Any, **kwargs: Any) -> Any:
+            if self.first_submit is None:
+                self.first_submit = time.perf_counter() - self.t0
+            return self.original(*args, **kwargs)
+
+        core.add_request = add_request
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.engine.engine.add_request  # back to the method
+        self.preemptions = self.engine.preemptions - self.preemptions
+        self.tokens = self.engine.generated_tokens - self.tokens
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "first_submit_s": None if self.first_submit is None else round(self.first_submit, 3),
+            "preemptions": self.preemptions,
+            "engine_generated_tokens": self.tokens,
+        }
+
+
 def run_ways(args, engine, config, prompts, seeds, lengths, work, stamp, results) -> None:  # noqa: ANN001
     """Each way in turn; a way that fails is reported and the others still run."""
+    engine._watch_outputs()  # count tokens and preemptions for the raw way too
     for way in args.ways.split(","):
         key = way if way not in results else f"{way}#{sum(k.split('#')[0] == way for k in results) + 1}"
         engine.llm.reset_prefix_cache()  # every way starts with the same (empty) prefix cache
+        counters = WayCounters(engine)
         try:
-            if way == "raw":
-                res = way_raw(engine, prompts, seeds, lengths)
-            elif way.split(":")[0] == "hpcrollout":
-                variant = config.model_copy(
-                    update={
-                        "run_dir": str(work / f"run-{stamp}-{key.replace(':', '_')}"),
-                        "engine": config.engine.model_copy(update=engine_variant(way)),
-                    }
-                )
-                res = way_hpcrollout(engine, args, variant)
-            elif way == "chunk":
-                res = way_chunk(engine, prompts, seeds, lengths, args.chunk_prompts, work / f"chunks-{stamp}-{key}")
-            else:
-                raise ValueError(f"--ways: unknown way {way!r} (raw, hpcrollout, chunk)")
+            with counters:
+                res = run_way(way, key, args, engine, config, prompts, seeds, lengths, work, stamp)
         except Exception:
             log.exception("way %s failed", key)
             continue
+        res.update(counters.summary())
         res["tok_per_s"] = res["output_tokens"] / res["wall_s"]
         results[key] = res
         log.info("%s: %s", key, res)
+
+
+def run_way(way, key, args, engine, config, prompts, seeds, lengths, work, stamp) -> dict[str, Any]:  # noqa: ANN001
+    if way == "raw":
+        return way_raw(engine, prompts, seeds, lengths)
+    if way.split(":")[0] == "hpcrollout":
+        variant = config.model_copy(
+            update={
+                "run_dir": str(work / f"run-{stamp}-{key.replace(':', '_')}"),
+                "engine": config.engine.model_copy(update=engine_variant(way)),
+            }
+        )
+        return way_hpcrollout(engine, args, variant)
+    if way == "chunk":
+        return way_chunk(engine, prompts, seeds, lengths, args.chunk_prompts, work / f"chunks-{stamp}-{key}")
+    raise ValueError(f"--ways: unknown way {way!r} (raw, hpcrollout, chunk)")
 
 
 def report(summary: dict[str, Any]) -> str:
@@ -365,15 +408,20 @@ def report(summary: dict[str, Any]) -> str:
             notes.append(f"chunks of {res['chunk_prompts']} prompts")
         if "tokenize_s" in res:
             notes.append(f"tokenize {res['tokenize_s']} s")
+        if res.get("first_submit_s") is not None:
+            notes.append(f"first request to vLLM at {res['first_submit_s']} s")
         if res.get("finished_at"):
             f = res["finished_at"]
             notes.append(
-                f"prompts done at p50 {f['p50']} p90 {f['p90']} p99 {f['p99']} s, last two {f['second_last']} {f['last']} s"
+                f"prompts done: first {f['first']} (the least a crash loses), p50 {f['p50']} p90 {f['p90']} "
+                f"p99 {f['p99']} s, last two {f['second_last']} {f['last']} s"
             )
+        if "preemptions" in res:
+            notes.append(f"{res['preemptions']} preemptions")
         if res.get("admission"):
             adm = res["admission"]
             notes.append(
-                f"kv_budget {res['kv_budget']}: peak reserved {adm['peak_reserved_tokens']:,} of {adm['kv_budget_tokens'] or 0:,}"
+                f"kv_budget {res['kv_budget']}: peak projected {adm['peak_projected_tokens']:,} of {adm['kv_budget_tokens'] or 0:,}"
             )
         lines.append(
             f"{name:<12}{res['wall_s']:>9.1f}{res['output_tokens']:>12,}{res['tok_per_s']:>10.0f}{ratio:>9}  {'; '.join(notes)}"

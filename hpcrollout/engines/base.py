@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +75,14 @@ class Engine(abc.ABC):
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
+        # Called by generate() after every engine step, between results too: the worker commits and writes
+        # heartbeats on time from it even while no prompt finishes. Must be cheap; must not re-enter generate().
+        self.on_step: Callable[[], None] | None = None
+
+    def stepped(self) -> None:
+        """Let the worker act on time (see ``on_step``)."""
+        if self.on_step is not None:
+            self.on_step()
 
     @abc.abstractmethod
     def generate(self, requests: Iterable[PromptRequest]) -> Iterator[PromptResult]:

@@ -129,6 +129,7 @@ class TransformersEngine(Engine):
         past, step_input = None, prompt
         with torch.inference_mode():
             for _ in range(budget):
+                self.stepped()
                 out = self.model(input_ids=step_input, use_cache=True, logits_to_keep=1, **{self._cache_arg: past})
                 past = getattr(out, self._cache_arg)
                 logits = out.logits[:, -1, :].float().cpu()

@@ -16,8 +16,9 @@ How it keeps the GPU at least as busy as one ``LLM.generate`` call on everything
   ``ParentRequest._get_child_sampling_params``), which is what each sample records.
 - A prompt vLLM rejects (too long, empty) becomes an error record for its row; the others go on.
 
-torch.compile artifacts go to ``VLLM_CACHE_ROOT`` (default here: ``RUN_DIR/cache/vllm``, shared by all tasks
-of a run on the shared filesystem). The first task to start a given model/settings compiles under a file
+torch.compile artifacts go to ``engine.compile_cache``: by default VLLM_CACHE_ROOT or vLLM's own
+``~/.cache/vllm``, shared by every run (a fresh run directory used to mean a cold compile, 20-60 s of each
+run's start); ``run`` keeps them in ``RUN_DIR/cache/vllm``. The first task to start a given model/settings compiles under a file
 lock; tasks starting meanwhile wait for it and then load its artifacts instead of compiling the same graphs
 concurrently into the same files.
 """
@@ -169,13 +170,16 @@ class PromptRenderer:
 
 
 # ---------------------------------------------------------------------------------------------- compile cache
-def compile_cache_root(config: Any) -> Path | None:
-    """Where vLLM keeps its torch.compile cache: VLLM_CACHE_ROOT if set, else RUN_DIR/cache/vllm, else vLLM's default."""
+def compile_cache_root(config: Any) -> Path:
+    """Where vLLM keeps its torch.compile cache (``engine.compile_cache``; see the module docstring)."""
+    choice = config.engine.compile_cache
+    if choice == "run" and config.run_dir:
+        return Path(config.run_dir) / "cache" / "vllm"
+    if choice not in ("shared", "run"):
+        return Path(os.path.expandvars(choice)).expanduser()
     if os.environ.get("VLLM_CACHE_ROOT"):
         return Path(os.environ["VLLM_CACHE_ROOT"]).expanduser()
-    if config.run_dir:
-        return Path(config.run_dir) / "cache" / "vllm"
-    return None
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "vllm"  # vLLM's own default
 
 
 def compile_cache_key(kwargs: dict[str, Any]) -> str:
@@ -255,8 +259,11 @@ class VllmEngine(Engine):
     def __init__(self, config: Any, *, llm: Any = None) -> None:
         """Start vLLM for ``config`` (or reuse ``llm``, an already started ``vllm.LLM`` of the same model)."""
         super().__init__(config)
+        importing = time.monotonic()
         import vllm
         from vllm import SamplingParams
+
+        self.import_s = time.monotonic() - importing
 
         self._vllm_version = vllm.__version__
         self._SamplingParams = SamplingParams
@@ -324,6 +331,7 @@ class VllmEngine(Engine):
             "pipeline_parallel_size": self.kwargs.get("pipeline_parallel_size", 1),
             "max_model_len": self.max_model_len,
             "max_num_seqs": self.max_num_seqs,
+            "import_s": round(self.import_s, 3),
             "engine_start_s": round(self.engine_start_s, 3),
             "compile_cache": dict(self.cache),
             "tokenize_s": round(self.renderer.tokenize_s, 3),
@@ -474,6 +482,7 @@ class VllmEngine(Engine):
                 outputs = self.engine.step()
                 if not watched:
                     pool.tick()
+                self.stepped()
                 for output in outputs:
                     if output.finished and output.request_id in inflight:
                         request, key = inflight.pop(output.request_id)
