@@ -6,7 +6,10 @@ RUN_DIR/
   shards/00000.parquet         shard inputs: the input rows + _hpcr_row, _hpcr_uid
   parts/00000/part-*.parquet   committed results of a running shard (atomic, one file per commit)
   outputs/00000.parquet        a finished shard's results, one row per prompt, sorted by row
-  done/00000.json              completion marker, written last (counts, timings)
+  done/00000.json              completion marker, written last (counts, timings); the shard is done while
+                               both it and its output exist
+  quarantine/parts/00000/...   part files found unreadable or foreign, set aside (never deleted); their prompts
+                               are generated again
   heartbeats/00000.json        progress of the shard's current attempt
   claims/                      dynamic mode: who works on which shard
   logs/                        executor logs (submitit's stdout/stderr per task)
@@ -130,6 +133,25 @@ class RunDir:
     def heartbeat(self, shard: int) -> Path:
         return self.root / "heartbeats" / f"{shard_name(shard)}.json"
 
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.root / "quarantine"
+
+    def quarantine(self, path: Path, why: str) -> Path:
+        """Move a damaged run file aside under quarantine/ (same relative path), with a note saying why."""
+        dest = self.quarantine_dir / path.relative_to(self.root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            dest = dest.with_name(f"{dest.name}.{time.time_ns()}")
+        os.replace(path, dest)
+        dest.with_name(dest.name + ".why").write_text(why + "\n")
+        return dest
+
+    def quarantined(self) -> list[Path]:
+        """Files set aside so far."""
+        q = self.quarantine_dir
+        return sorted(p for p in q.rglob("*") if p.is_file() and p.suffix != ".why") if q.is_dir() else []
+
     # state
     def exists(self) -> bool:
         return self.manifest_path.is_file()
@@ -151,13 +173,26 @@ class RunDir:
         return len(self.manifest()["shards"])
 
     def is_done(self, shard: int) -> bool:
-        return self.done_marker(shard).is_file()
+        """Done = its marker and its output exist. The one rule status, resume, the worker and merge share:
+        a shard whose output was deleted is redone, whatever its marker says."""
+        return self.done_marker(shard).is_file() and self.shard_output(shard).is_file()
+
+    def _stems(self, folder: str, suffix: str) -> set[int]:
+        d = self.root / folder
+        if not d.is_dir():
+            return set()
+        return {int(p.stem) for p in d.glob(f"*{suffix}") if p.stem.isdigit()}
+
+    def marked_shards(self) -> set[int]:
+        """Shards with a done marker (whether or not their output still exists)."""
+        return self._stems("done", ".json")
 
     def done_shards(self) -> set[int]:
-        done = self.root / "done"
-        if not done.is_dir():
-            return set()
-        return {int(p.stem) for p in done.glob("*.json") if p.stem.isdigit()}
+        return self.marked_shards() & self._stems("outputs", ".parquet")
+
+    def lost_outputs(self) -> list[int]:
+        """Shards marked done whose output is gone (deleted by hand): resume redoes them."""
+        return sorted(self.marked_shards() - self._stems("outputs", ".parquet"))
 
     def pending_shards(self) -> list[int]:
         done = self.done_shards()

@@ -31,7 +31,7 @@ from hpcrollout.config import RunConfig, add_override_arg, load_config
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.prompts import derive_uid, prompt_chars
 from hpcrollout.rundir import RunDir, atomic_path, write_atomic, write_json_atomic
-from hpcrollout.schema import INTERNAL_COLUMNS, RESULT_COLUMNS, ROW, UID
+from hpcrollout.schema import INTERNAL_COLUMNS, INTERNAL_PREFIX, RESULT_COLUMNS, ROW, UID
 
 log = logging.getLogger("hpcrollout")
 
@@ -131,7 +131,13 @@ def check_columns(path: Path, schema: pa.Schema, config: RunConfig) -> None:
         raise HpcRolloutError(
             f"input {path} has no id column {config.data.id_column!r} (data.id_column); columns: {', '.join(names)}"
         )
-    clashes = [c for c in names if c in INTERNAL_COLUMNS or (c in RESULT_COLUMNS and c != config.data.id_column)]
+    internal = [c for c in names if c.startswith(INTERNAL_PREFIX) or c in INTERNAL_COLUMNS]
+    if internal:
+        raise HpcRolloutError(
+            f"input {path} has column(s) {', '.join(internal)}, named like hpcrollout's internal columns "
+            f"({INTERNAL_PREFIX}*); rename them in the input"
+        )
+    clashes = [c for c in names if c in RESULT_COLUMNS and c != config.data.id_column]
     if clashes:
         hint = " (to use it as the prompt id, set data.id_column: uid)" if clashes == ["uid"] else ""
         raise HpcRolloutError(
@@ -180,10 +186,12 @@ def scan_input(pf: InputFiles, path: Path, config: RunConfig) -> np.ndarray:
         work[offset : offset + len(chars)] = chars / CHARS_PER_TOKEN + sp.n * budget
         if data.id_column:
             ids = batch.column(data.id_column)
-            if ids.null_count:
-                row = offset + int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
-                raise HpcRolloutError(f"input {path} row {row}: id column {data.id_column!r} is null")
-            hashes.append(_hash64(ids.to_pylist()))
+            missing = ids.is_null(nan_is_null=True) if pa.types.is_floating(ids.type) else ids.is_null()
+            if pc.any(missing).as_py():
+                row = offset + int(np.flatnonzero(missing.to_numpy(zero_copy_only=False))[0])
+                what = "null" if ids.null_count else "NaN"
+                raise HpcRolloutError(f"input {path} row {row}: id column {data.id_column!r} is {what}; ids must be set and unique")
+            hashes.append(_hash64([str(v) for v in ids.to_pylist()]))  # the uid is str(id): unique as strings
         offset += len(chars)
     if hashes:
         _check_unique_ids(pf, path, data.id_column, np.concatenate(hashes))
@@ -200,7 +208,7 @@ def _check_unique_ids(pf: InputFiles, path: Path, id_column: str, hashes: np.nda
     rows = np.flatnonzero(hashes == target)[:2].tolist()
     ids = pf.read(columns=[id_column]).column(0)
     a, b = ids[rows[0]].as_py(), ids[rows[1]].as_py()
-    if a == b:
+    if str(a) == str(b):
         raise HpcRolloutError(
             f"input {path}: id column {id_column!r} has the value {a!r} at rows {rows[0]} and {rows[1]}; ids must be unique"
         )
