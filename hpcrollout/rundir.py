@@ -12,6 +12,8 @@ RUN_DIR/
                                are generated again
   heartbeats/00000.json        progress of the shard's current attempt
   claims/                      dynamic mode: who works on which shard
+  tasks/00000.json             SLURM task records (slurm_task.py)
+  tasks/local-00000.{lock,json} local executor: held while the task is queued or runs; its pid, host, exit code
   logs/                        executor logs (submitit's stdout/stderr per task)
   lock                         held while a submit is in progress
 """
@@ -73,14 +75,15 @@ def write_json_atomic(dest: str | Path, obj: Any) -> None:
     write_atomic(dest, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
+def read_json(path: str | Path, next_step: str = "delete it to redo that step") -> Any:
+    """A JSON file of the run directory; FileNotFoundError if absent, HpcRolloutError naming it if damaged."""
     path = Path(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as exc:
-        raise HpcRolloutError(f"{path} is unreadable or not valid JSON ({exc}); delete it to redo that step") from None
+        raise HpcRolloutError(f"{path} is unreadable or not valid JSON ({exc}); {next_step}") from None
 
 
 def static_task(shard: int, num_tasks: int) -> int:
@@ -132,6 +135,18 @@ class RunDir:
 
     def heartbeat(self, shard: int) -> Path:
         return self.root / "heartbeats" / f"{shard_name(shard)}.json"
+
+    @property
+    def tasks_dir(self) -> Path:
+        return self.root / "tasks"
+
+    def local_task_lock(self, task: int) -> Path:
+        """Local executor: flock-ed for as long as the task is queued in its submit or its worker runs."""
+        return self.tasks_dir / f"local-{shard_name(task)}.lock"
+
+    def local_task_record(self, task: int) -> Path:
+        """Local executor: the task's worker (pid, host, start time) and, once it ended, its exit code."""
+        return self.tasks_dir / f"local-{shard_name(task)}.json"
 
     @property
     def quarantine_dir(self) -> Path:

@@ -50,6 +50,8 @@ OPTIONAL_FIELDS = {
     "logprobs": pa.field("logprobs", pa.list_(pa.list_(pa.float32()))),
     "cumulative_logprobs": pa.field("cumulative_logprobs", pa.list_(pa.float64())),
 }
+# Every finish reason an engine records (engines/base.py): what `filter --finish_reason` accepts.
+FINISH_REASONS = ("stop", "length", "abort")
 RESULT_COLUMNS = tuple(f.name for f in RESULT_FIELDS) + tuple(OPTIONAL_FIELDS)
 # Parts and shard outputs carry the global row first, so they can be sorted and checked against shard inputs.
 PART_ROW = ROW

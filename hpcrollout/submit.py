@@ -188,79 +188,91 @@ def submit_run(
 
     add_tasks (dynamic mode): submit that many tasks beside the queued and running ones, which they join.
     """
+    from hpcrollout.local import hold_task_locks, release_task_locks, run_local
     from hpcrollout.shard import prepare_run
 
     config.require("run_dir")
     rundir = RunDir(config.run_dir)
-    with rundir.lock(command):
-        active: dict[int, str] = {}
-        if config.executor.type == "slurm" and rundir.exists():
-            active = active_tasks(rundir)
-        if add_tasks is not None:
-            add_tasks_to(config, rundir, add_tasks, active)
-        if active and not is_dynamic(rundir, config):
-            _check_task_layout(rundir, active, config.executor.num_tasks)
-        rundir = prepare_run(config, force=force)
-        wanted = tasks_with_pending_shards(rundir, active)
-        if tasks is not None:
-            wanted = [t for t in wanted if t in set(tasks)]
-        result: dict[str, Any] = {
-            "run_dir": str(rundir.root),
-            "executor": config.executor.type,
-            "mode": rundir.manifest().get("mode", "static"),
-            "tasks": [],
-            "active": active,
-        }
-        if not wanted:
-            return result
-        result["tasks"] = wanted
-        if config.executor.type == "local":
-            # Recorded before running so status can tell a local run from a never-started one.
-            record_submission(
-                rundir,
-                {
-                    "executor": "local",
+    locks: dict[int, int] = {}
+    try:
+        with rundir.lock(command):
+            active = running_tasks(rundir, config)
+            if add_tasks is not None:
+                add_tasks_to(config, rundir, add_tasks, active)
+            if active and not is_dynamic(rundir, config):
+                _check_task_layout(rundir, active, config.executor.num_tasks)
+            rundir = prepare_run(config, force=force)
+            wanted = tasks_with_pending_shards(rundir, active)
+            if tasks is not None:
+                wanted = [t for t in wanted if t in set(tasks)]
+            result: dict[str, Any] = {
+                "run_dir": str(rundir.root),
+                "executor": config.executor.type,
+                "mode": rundir.manifest().get("mode", "static"),
+                "tasks": [],
+                "active": active,
+            }
+            if not wanted:
+                return result
+            result["tasks"] = wanted
+            if config.executor.type == "local":
+                # Locked under the run directory's lock, so a submit right after this one sees these tasks running.
+                locks = hold_task_locks(rundir, wanted)
+                # Recorded before running so status can tell a local run from a never-started one.
+                record_submission(
+                    rundir,
+                    {
+                        "executor": "local",
+                        "command": command,
+                        "tasks": wanted,
+                        "time": time.time(),
+                        "num_tasks": rundir.manifest()["num_tasks"],
+                    },
+                )
+            else:
+                executor = make_executor(rundir, config)
+                try:
+                    jobs = executor.map_array(SlurmTask(rundir.root.resolve()), wanted)
+                except Exception as exc:  # sbatch's own message names the bad option (partition, account, gres...)
+                    raise HpcRolloutError(
+                        f"sbatch refused the array for {rundir.root}: {exc}\ncheck the slurm.* settings "
+                        "(partition, account, qos, gpus_per_task, time_min), or see the script with --dry-run"
+                    ) from None
+                array_id = jobs[0].job_id.split("_")[0]
+                entry = {
+                    "executor": "slurm",
                     "command": command,
+                    "job_id": array_id,
+                    "job_ids": [job.job_id for job in jobs],  # ARRAY_INDEX, or a plain id for a single task
                     "tasks": wanted,
                     "time": time.time(),
                     "num_tasks": rundir.manifest()["num_tasks"],
-                },
-            )
-        else:
-            executor = make_executor(rundir, config)
-            try:
-                jobs = executor.map_array(SlurmTask(rundir.root.resolve()), wanted)
-            except Exception as exc:  # sbatch's own message names the bad option (partition, account, gres...)
-                raise HpcRolloutError(
-                    f"sbatch refused the array for {rundir.root}: {exc}\ncheck the slurm.* settings "
-                    "(partition, account, qos, gpus_per_task, time_min), or see the script with --dry-run"
-                ) from None
-            array_id = jobs[0].job_id.split("_")[0]
-            entry = {
-                "executor": "slurm",
-                "command": command,
-                "job_id": array_id,
-                "job_ids": [job.job_id for job in jobs],  # ARRAY_INDEX, or a plain id for a single task
-                "tasks": wanted,
-                "time": time.time(),
-                "num_tasks": rundir.manifest()["num_tasks"],
-                "host": os.uname().nodename,
-                "folder": str(submitit_folder(rundir)),
-            }
-            record_submission(rundir, entry)
-            result["job_id"] = array_id
+                    "host": os.uname().nodename,
+                    "folder": str(submitit_folder(rundir)),
+                }
+                record_submission(rundir, entry)
+                result["job_id"] = array_id
+    except BaseException:
+        release_task_locks(locks)  # nothing was started: free the tasks again
+        raise
     if config.executor.type == "local":
-        from hpcrollout.local import run_local
-
-        result["exit_codes"] = run_local(rundir.root, wanted, config.executor.local_parallelism)
-        # For status: a local task that exited non-zero is failed even if it died before its first heartbeat.
-        jobs = read_jobs(rundir)
-        for sub in reversed(jobs["submissions"]):
-            if sub.get("executor") == "local" and sub.get("tasks") == wanted:
-                sub["exit_codes"] = {str(t): c for t, c in result["exit_codes"].items()}
-                break
-        write_json_atomic(jobs_path(rundir), jobs)
+        try:
+            # Each task's exit code goes to its local task record, which status reads.
+            result["exit_codes"] = run_local(rundir.root, wanted, config.executor.local_parallelism, locks=locks)
+        finally:
+            release_task_locks(locks)
     return result
+
+
+def running_tasks(rundir: RunDir, config: RunConfig) -> dict[int, str]:
+    """Tasks of this run queued or running now, {task: job}: SLURM's from squeue, local ones from their locks."""
+    if not rundir.exists():
+        return {}
+    if config.executor.type == "slurm":
+        return active_tasks(rundir)
+    from hpcrollout.local import local_active_tasks
+
+    return local_active_tasks(rundir)
 
 
 # ---------------------------------------------------------------------------------------------- dry run
@@ -270,7 +282,7 @@ def dry_run(config: RunConfig, *, force: bool = False, out=None, add_tasks: int 
     config = config.model_copy(deep=True)  # --add-tasks sets executor.num_tasks: not on the caller's config
     rundir = RunDir(config.run_dir)
     lines = ["dry run: nothing is written or submitted"]
-    active = active_tasks(rundir) if rundir.exists() and config.executor.type == "slurm" else {}
+    active = running_tasks(rundir, config)
     if add_tasks is not None:
         add_tasks_to(config, rundir, add_tasks, active)
     num_tasks = config.executor.num_tasks
