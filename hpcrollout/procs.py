@@ -14,6 +14,18 @@ from pathlib import Path
 HOST = socket.gethostname()
 
 
+def _pid_namespace() -> str | None:
+    """This machine's boot and pid namespace: two containers (or nodes) with one hostname still differ here."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+PID_NAMESPACE = _pid_namespace()
+
+
 def process_start(pid: int) -> int | None:
     """The start time of a live process on this host, in clock ticks since boot; None if there is none."""
     try:
@@ -44,10 +56,12 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def same_process_alive(host: str | None, pid: int | None, start: int | None) -> bool | None:
+def same_process_alive(
+    host: str | None, pid: int | None, start: int | None, namespace: str | None = None
+) -> bool | None:
     """True/False for a process recorded on this host (a different start time: the pid was reused, so False);
-    None when it cannot be told here (another host, or nothing recorded)."""
-    if host != HOST or pid is None:
+    None when it cannot be told here (another host or pid namespace, or nothing recorded)."""
+    if host != HOST or pid is None or (namespace is not None and namespace != PID_NAMESPACE):
         return None
     if not pid_alive(pid):
         return False
@@ -57,5 +71,5 @@ def same_process_alive(host: str | None, pid: int | None, start: int | None) -> 
 
 
 def this_process() -> dict[str, int | str | None]:
-    """host, pid and start time of the calling process, to record."""
-    return {"host": HOST, "pid": os.getpid(), "pid_start": process_start(os.getpid())}
+    """host, pid, start time and pid namespace of the calling process, to record."""
+    return {"host": HOST, "pid": os.getpid(), "pid_start": process_start(os.getpid()), "pid_ns": PID_NAMESPACE}

@@ -379,6 +379,12 @@ def prepare_run(config: RunConfig, *, force: bool = False) -> RunDir:
     input_path = Path(config.data.input)
     if rundir.exists():
         return _reopen(rundir, config, force)
+    if results := rundir.results_present():
+        raise HpcRolloutError(
+            f"{rundir.root} has results ({', '.join(p.name + '/' for p in results)}) but no manifest.json: sharding "
+            "again would put new shards beside the old shards' results. Restore manifest.json, or move those "
+            "folders out of the run directory, or use a new run_dir"
+        )
     started = time.time()
     pf, work, ranges = plan_input(config)
     fingerprint = input_fingerprint(input_path, pf)
