@@ -168,7 +168,10 @@ def _is_str(t: pa.DataType) -> bool:
 
 
 def _list_of(pred):  # noqa: ANN001, ANN202 - a type predicate -> a list-of-that predicate
-    return lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and pred(t.value_type)
+    # an all-null column (pyarrow infers type null) fits any type
+    return lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
+        pa.types.is_null(t.value_type) or pred(t.value_type)
+    )
 
 
 def _is_num(t: pa.DataType) -> bool:
@@ -205,7 +208,7 @@ RESULT_TYPES: dict[str, dict[str, tuple[Any, str]]] = {
 def check_result_types(path: Path, schema: pa.Schema, kind: str) -> None:
     """Refuse a file whose result columns have other types than merge/flatten write, naming the column."""
     for name, (ok, expected) in RESULT_TYPES[kind].items():
-        if name in schema.names and not ok(schema.field(name).type):
+        if name in schema.names and not (pa.types.is_null(schema.field(name).type) or ok(schema.field(name).type)):
             raise HpcRolloutError(
                 f"{path}: column {name!r} is {schema.field(name).type}, but a {kind} hpcrollout output has {expected} "
                 "there; pass a file written by hpcrollout merge or flatten (or rename that column)"
