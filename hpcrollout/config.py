@@ -254,7 +254,9 @@ def sample_engine_settings(engine: dict[str, Any]) -> dict[str, Any]:
     """The engine settings (of a dumped engine section) that change the samples: SAMPLE_ENGINE_KEYS and the
     engine.kwargs that are not resources."""
     out = {k: engine.get(k) for k in SAMPLE_ENGINE_KEYS}
-    out.update({f"kwargs.{k}": v for k, v in sorted((engine.get("kwargs") or {}).items()) if k not in RESOURCE_ENGINE_KWARGS})
+    out.update(
+        {f"kwargs.{k}": v for k, v in sorted((engine.get("kwargs") or {}).items()) if k not in RESOURCE_ENGINE_KWARGS}
+    )
     return out
 
 

@@ -62,7 +62,11 @@ def write_error(path: Path, exc: OSError) -> WriteError | OSError:
         return exc
     run = next((p for p in [path, *path.parents][:5] if (p / "manifest.json").is_file()), None)
     again = f"hpcrollout resume {run}" if run else "the command again"
-    fix = "free space there" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable (or copy the run elsewhere)"
+    fix = (
+        "free space there"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "make it writable (or copy the run elsewhere)"
+    )
     return WriteError(
         f"cannot write {path}: {reason} ({exc.strerror or exc}); {fix}, then run {again} (committed results are kept)"
     )

@@ -169,8 +169,8 @@ def _is_str(t: pa.DataType) -> bool:
 
 def _list_of(pred):  # noqa: ANN001, ANN202 - a type predicate -> a list-of-that predicate
     # an all-null column (pyarrow infers type null) fits any type
-    return lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
-        pa.types.is_null(t.value_type) or pred(t.value_type)
+    return lambda t: (
+        (pa.types.is_list(t) or pa.types.is_large_list(t)) and (pa.types.is_null(t.value_type) or pred(t.value_type))
     )
 
 

@@ -64,10 +64,12 @@ def read_jobs(rundir: RunDir) -> dict[str, Any]:
         return {"submissions": []}
     subs = jobs.setdefault("submissions", []) if isinstance(jobs, dict) else None
     if not isinstance(subs, list) or not all(
-        isinstance(sub, dict) and isinstance(sub.get("tasks", []), list) and all(_int(t) is not None for t in sub.get("tasks", []))
+        isinstance(sub, dict)
+        and isinstance(sub.get("tasks", []), list)
+        and all(_int(t) is not None for t in sub.get("tasks", []))
         for sub in subs
     ):
-        raise HpcRolloutError(f"{path} is not a record of submissions ({{\"submissions\": [...]}}); {next_step}")
+        raise HpcRolloutError(f'{path} is not a record of submissions ({{"submissions": [...]}}); {next_step}')
     return jobs
 
 
@@ -202,8 +204,15 @@ def task_log(rundir: RunDir, task: int, job_id: str | None, record: dict[str, An
 # ---------------------------------------------------------------------------------------------- status
 # Heartbeat fields status computes with: a heartbeat with one of these not a number is ignored (and noted).
 _HEARTBEAT_NUMBERS = (
-    "time", "started", "pid", "prompts_total", "prompts_done", "prompts_done_this_attempt",
-    "output_tokens_this_attempt", "tokens_per_s", "eta_s",
+    "time",
+    "started",
+    "pid",
+    "prompts_total",
+    "prompts_done",
+    "prompts_done_this_attempt",
+    "output_tokens_this_attempt",
+    "tokens_per_s",
+    "eta_s",
 )
 
 
@@ -255,7 +264,9 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     local_exit: dict[int, int] = {}  # the latest local submission's exit code per task, once it has ended
     for sub in submissions:  # (older runs kept them in jobs.json; now each task's local record has its own)
         if sub.get("executor") == "local" and isinstance(sub.get("exit_codes"), dict):
-            local_exit.update({int(t): int(c) for t, c in sub["exit_codes"].items() if _int(t) is not None and _int(c) is not None})
+            local_exit.update(
+                {int(t): int(c) for t, c in sub["exit_codes"].items() if _int(t) is not None and _int(c) is not None}
+            )
     local_live = local_active_tasks(rundir)
     job_task = task_of_job(rundir, jobs_doc) if dynamic else {}
     host = socket.gethostname()

@@ -16,11 +16,13 @@ num_tasks while tasks of the old layout are queued or running is refused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from hpcrollout.config import RunConfig, add_override_arg, load_config
@@ -194,67 +196,64 @@ def submit_run(
     config.require("run_dir")
     rundir = RunDir(config.run_dir)
     locks: dict[int, int] = {}
-    try:
-        with rundir.lock(command):
-            active = running_tasks(rundir, config)
-            if add_tasks is not None:
-                add_tasks_to(config, rundir, add_tasks, active)
-            if active and not is_dynamic(rundir, config):
-                _check_task_layout(rundir, active, config.executor.num_tasks)
-            rundir = prepare_run(config, force=force)
-            wanted = tasks_with_pending_shards(rundir, active)
-            if tasks is not None:
-                wanted = [t for t in wanted if t in set(tasks)]
-            result: dict[str, Any] = {
-                "run_dir": str(rundir.root),
-                "executor": config.executor.type,
-                "mode": rundir.manifest().get("mode", "static"),
-                "tasks": [],
-                "active": active,
-            }
-            if not wanted:
-                return result
-            result["tasks"] = wanted
-            if config.executor.type == "local":
-                # Locked under the run directory's lock, so a submit right after this one sees these tasks running.
-                locks = hold_task_locks(rundir, wanted)
-                # Recorded before running so status can tell a local run from a never-started one.
-                record_submission(
-                    rundir,
-                    {
-                        "executor": "local",
-                        "command": command,
-                        "tasks": wanted,
-                        "time": time.time(),
-                        "num_tasks": rundir.manifest()["num_tasks"],
-                    },
-                )
-            else:
-                executor = make_executor(rundir, config)
-                try:
-                    jobs = executor.map_array(SlurmTask(rundir.root.resolve()), wanted)
-                except Exception as exc:  # sbatch's own message names the bad option (partition, account, gres...)
-                    raise HpcRolloutError(
-                        f"sbatch refused the array for {rundir.root}: {exc}\ncheck the slurm.* settings "
-                        "(partition, account, qos, gpus_per_task, time_min), or see the script with --dry-run"
-                    ) from None
-                array_id = jobs[0].job_id.split("_")[0]
-                entry = {
-                    "executor": "slurm",
+    # a failure before the tasks start frees their locks again
+    with rundir.lock(command), _released_on_error(locks):
+        active = running_tasks(rundir, config)
+        if add_tasks is not None:
+            add_tasks_to(config, rundir, add_tasks, active)
+        if active and not is_dynamic(rundir, config):
+            _check_task_layout(rundir, active, config.executor.num_tasks)
+        rundir = prepare_run(config, force=force)
+        wanted = tasks_with_pending_shards(rundir, active)
+        if tasks is not None:
+            wanted = [t for t in wanted if t in set(tasks)]
+        result: dict[str, Any] = {
+            "run_dir": str(rundir.root),
+            "executor": config.executor.type,
+            "mode": rundir.manifest().get("mode", "static"),
+            "tasks": [],
+            "active": active,
+        }
+        if not wanted:
+            return result
+        result["tasks"] = wanted
+        if config.executor.type == "local":
+            # Locked under the run directory's lock, so a submit right after this one sees these tasks running.
+            locks.update(hold_task_locks(rundir, wanted))
+            # Recorded before running so status can tell a local run from a never-started one.
+            record_submission(
+                rundir,
+                {
+                    "executor": "local",
                     "command": command,
-                    "job_id": array_id,
-                    "job_ids": [job.job_id for job in jobs],  # ARRAY_INDEX, or a plain id for a single task
                     "tasks": wanted,
                     "time": time.time(),
                     "num_tasks": rundir.manifest()["num_tasks"],
-                    "host": os.uname().nodename,
-                    "folder": str(submitit_folder(rundir)),
-                }
-                record_submission(rundir, entry)
-                result["job_id"] = array_id
-    except BaseException:
-        release_task_locks(locks)  # nothing was started: free the tasks again
-        raise
+                },
+            )
+        else:
+            executor = make_executor(rundir, config)
+            try:
+                jobs = executor.map_array(SlurmTask(rundir.root.resolve()), wanted)
+            except Exception as exc:  # sbatch's own message names the bad option (partition, account, gres...)
+                raise HpcRolloutError(
+                    f"sbatch refused the array for {rundir.root}: {exc}\ncheck the slurm.* settings "
+                    "(partition, account, qos, gpus_per_task, time_min), or see the script with --dry-run"
+                ) from None
+            array_id = jobs[0].job_id.split("_")[0]
+            entry = {
+                "executor": "slurm",
+                "command": command,
+                "job_id": array_id,
+                "job_ids": [job.job_id for job in jobs],  # ARRAY_INDEX, or a plain id for a single task
+                "tasks": wanted,
+                "time": time.time(),
+                "num_tasks": rundir.manifest()["num_tasks"],
+                "host": os.uname().nodename,
+                "folder": str(submitit_folder(rundir)),
+            }
+            record_submission(rundir, entry)
+            result["job_id"] = array_id
     if config.executor.type == "local":
         try:
             # Each task's exit code goes to its local task record, which status reads.
@@ -262,6 +261,17 @@ def submit_run(
         finally:
             release_task_locks(locks)
     return result
+
+
+@contextlib.contextmanager
+def _released_on_error(locks: dict[int, int]) -> Iterator[None]:
+    from hpcrollout.local import release_task_locks
+
+    try:
+        yield
+    except BaseException:
+        release_task_locks(locks)
+        raise
 
 
 def running_tasks(rundir: RunDir, config: RunConfig) -> dict[int, str]:

@@ -74,17 +74,16 @@ def committed_parts(rundir: RunDir, shard: int) -> list[Path]:
 
 
 def shard_prompts(rundir: RunDir, shard: int) -> pa.Table:
-    """The shard's (row, uid) pairs, from its shard input; a clear error if that file is gone or damaged."""
+    """The shard's (row, uid) pairs, from its shard input; a clear error if that file is gone.
+
+    An unreadable one raises as it is: on a shared filesystem that may pass, and SLURM retries the task.
+    """
     path = rundir.shard_input(shard)
     try:
         return pq.read_table(path, columns=[ROW, UID])
     except FileNotFoundError:
         raise HpcRolloutError(
             f"shard {shard:05d}: its input {path} is missing; restore it from a backup, or start a new run_dir"
-        ) from None
-    except (pa.ArrowInvalid, OSError, KeyError) as exc:
-        raise HpcRolloutError(
-            f"shard {shard:05d}: its input {path} is unreadable ({exc}); restore it, or start a new run_dir"
         ) from None
 
 

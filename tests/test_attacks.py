@@ -109,7 +109,9 @@ def test_input_column_named_row_comes_back_unchanged(tiny_model, tmp_path, capsy
             "--output", str(out), "--n_samples", "2", "--max_tokens", "4"]  # fmt: skip
     assert cli.main(argv) == 0, capsys.readouterr().err
     merged = pq.read_table(out)
-    assert merged["row"].to_pylist() == values and merged.schema.field("row").type == pq.read_schema(inp).field("row").type
+    assert (
+        merged["row"].to_pylist() == values and merged.schema.field("row").type == pq.read_schema(inp).field("row").type
+    )
     assert merged.select(pq.read_schema(inp).names).equals(pq.read_table(inp))
     assert cli.main(["flatten", str(out), "--output", str(tmp_path / "flat.parquet")]) == 0
     flat = pq.read_table(tmp_path / "flat.parquet")
