@@ -39,9 +39,11 @@ The time source is injectable (``clock``) so the simulation can drive the real c
 
 End of the run. ``claim_next`` returns None when every unit not done is held by others; it then sets
 ``retry_at`` if a holder already missed renewals (a suspected death), and ``wait_for_claim`` sleeps until that
-lease expires to reclaim the unit. Units held by healthy holders are not waited for. Known gaps, both left to
-``hpcrollout resume``: a holder that dies after all other tasks have exited, and a unit released unfinished
-(a preempted task) in the last scan slot before the others exit.
+lease expires to reclaim the unit. Units held by healthy holders are not waited for. A holder known dead (on
+the claimer's host, its pid gone, or reused by a process with another start time) is taken over at once, without
+waiting for its lease. Known gaps, both left to ``hpcrollout resume``: a holder on another host that dies after
+all other tasks have exited, and a unit released unfinished (a preempted task) in the last scan slot before the
+others exit.
 
 Static mode (``sharding.mode: static``) needs none of this: task i runs its own shards. Use it where the
 filesystem's link/rename is not atomic (some object-store FUSE mounts) or node clocks cannot be trusted; the price
@@ -75,7 +77,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpcrollout.rundir import RunDir, shard_name
+from hpcrollout.procs import PID_NAMESPACE, process_start, same_process_alive
+from hpcrollout.rundir import RunDir, shard_name, write_error
 
 log = logging.getLogger("hpcrollout")
 
@@ -147,9 +150,30 @@ _tmp_counter = itertools.count()
 def _write_tmp(path: str, data: dict[str, Any]) -> str:
     head, tail = os.path.split(path)
     tmp = os.path.join(head, f".{tail}.{_HOST}.{os.getpid()}.{next(_tmp_counter)}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data))
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data))
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise write_error(Path(path), exc) from None
     return tmp
+
+
+def _holder_dead(data: dict[str, Any]) -> bool:
+    """The claim's holder is known dead: on this host, its pid gone or reused (start time differs). An abandoned
+    claim (a reclaimer that lost the race) holds nothing itself: its lease, not its creator, decides."""
+    if data.get("abandoned"):
+        return False
+    pid, start = _int_or_none(data.get("pid")), _int_or_none(data.get("pid_start"))
+    return same_process_alive(data.get("host"), pid, start, data.get("pid_ns")) is False
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def create_exclusive(path: str | Path, data: dict[str, Any]) -> bool:
@@ -209,6 +233,8 @@ class ClaimBoard:
         self.dir = run_dir.claims_dir
         self._base = f"{self.dir}{os.sep}"
         self._ident = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid()}
+        # with host and pid these tell a reused pid, or a namesake host, apart
+        self._ident.update(pid_start=process_start(os.getpid()), pid_ns=PID_NAMESPACE)
         self._ident.update({v.lower(): os.environ[v] for v in SLURM_VARS if v in os.environ})
         self._top: dict[int, int] = {}  # highest generation seen per shard (never decreases)
         self._done: set[int] = set()
@@ -247,7 +273,23 @@ class ClaimBoard:
             return True
         if data.get("token") == self.token and not data.get("abandoned"):
             return False  # our own live claim
-        return now > float(data["lease_until"]) + self.margin_s
+        if now > float(data["lease_until"]) + self.margin_s:
+            return True
+        return _holder_dead(data)
+
+    def _dead_holders(self, is_done: Callable[[int], bool]) -> list[int]:
+        """Units whose holder is known dead (this host, its pid gone or reused): taken over at once, not after
+        the lease, so a resume right after a worker died does not exit with the unit unfinished."""
+        out = []
+        for shard in self.order:
+            if self._is_done(shard, is_done):
+                continue
+            gen, data = self._top_of(shard)
+            if gen < 0:
+                break  # claims grow as a prefix of the order
+            if data is not None and not data.get("released") and data.get("token") != self.token and _holder_dead(data):
+                out.append(shard)
+        return out
 
     def _is_done(self, shard: int, is_done: Callable[[int], bool]) -> bool:
         if shard in self._done:
@@ -272,7 +314,10 @@ class ClaimBoard:
                 return claim
         if claim := self._claim_fresh(is_done):
             return claim
-        # end game: only units held by others are left; take those whose holders stopped renewing
+        # end game: only units held by others are left; take those whose holders died or stopped renewing
+        for shard in self._dead_holders(is_done):
+            if claim := self._take(shard, is_done):
+                return claim
         waits = []
         for shard, expiry in list(self._suspects):
             if expiry > now:
@@ -473,6 +518,8 @@ class ClaimBoard:
                 state = "released"
             elif now > until + self.margin_s:
                 state = "expired"
+            elif _holder_dead(data):
+                state = "dead"  # its holder died: the next claim takes it over
             else:
                 state = "abandoned" if data.get("abandoned") else "held"
             info = {k: data.get(k) for k in ("owner", "host", "pid", *(v.lower() for v in SLURM_VARS)) if k in data}

@@ -221,8 +221,52 @@ class RunConfig(_Section):
             "sampling": d["sampling"],
             "data": {k: d["data"][k] for k in ("prompt_column", "id_column", "max_tokens_column", "max_prompt_chars")},
             "backend": d["backend"],
+            "engine": sample_engine_settings(d["engine"]),
         }
         return {k: _digest(v) for k, v in parts.items()}
+
+
+# Engine keys that change what is sampled (numerics, weights, context): fingerprinted like sampling.*. The other
+# engine keys (parallelism, memory, batch sizes, kv_budget, device, ...) are resources and may change on resume.
+SAMPLE_ENGINE_KEYS = ("dtype", "quantization", "max_model_len", "kv_cache_dtype", "load_format")
+# engine.kwargs that are resources too; every other engine.kwargs key (revision, hf_overrides, rope_scaling,
+# tokenizer_mode, speculative_config, ...) may change the model or the samples, so it is fingerprinted.
+RESOURCE_ENGINE_KWARGS = frozenset(
+    {
+        "gpu_memory_utilization",
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "data_parallel_size",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "enable_chunked_prefill",
+        "enable_prefix_caching",
+        "enforce_eager",
+        "swap_space",
+        "cpu_offload_gb",
+        "block_size",
+        "num_gpu_blocks_override",
+        "kv_cache_memory_bytes",
+        "max_seq_len_to_capture",
+        "compilation_config",
+        "distributed_executor_backend",
+        "disable_custom_all_reduce",
+        "disable_log_stats",
+        "max_parallel_loading_workers",
+        "async_scheduling",
+        "seed",
+    }
+)
+
+
+def sample_engine_settings(engine: dict[str, Any]) -> dict[str, Any]:
+    """The engine settings (of a dumped engine section) that change the samples: SAMPLE_ENGINE_KEYS and the
+    engine.kwargs that are not resources."""
+    out = {k: engine.get(k) for k in SAMPLE_ENGINE_KEYS}
+    out.update(
+        {f"kwargs.{k}": v for k, v in sorted((engine.get("kwargs") or {}).items()) if k not in RESOURCE_ENGINE_KWARGS}
+    )
+    return out
 
 
 def _digest(obj: Any) -> str:

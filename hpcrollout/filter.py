@@ -20,13 +20,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hpcrollout.errors import HpcRolloutError
-from hpcrollout.schema import INTERNAL_COLUMNS, PART_ROW
+from hpcrollout.schema import FINISH_REASONS, INTERNAL_COLUMNS, PART_ROW
 from hpcrollout.sources import (
     DEFAULT_COMPRESSION,
     SAMPLE_COLUMNS,
     Source,
     add_input_args,
     check_output,
+    check_sample_lists,
     open_source,
     parquet_output,
     run_standalone,
@@ -105,15 +106,7 @@ def filter_merged_batch(batch: pa.RecordBatch, c: Criteria, path: Path, first_ro
     resp_list = batch.column("responses")
     lengths = pc.list_value_length(resp_list).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     sample_cols = [n for n in SAMPLE_COLUMNS if n in names]
-    for name in sample_cols:
-        other = pc.list_value_length(batch.column(name)).fill_null(0).to_numpy(zero_copy_only=False)
-        bad = np.flatnonzero(other != lengths)
-        if bad.size:
-            i = int(bad[0])
-            raise HpcRolloutError(
-                f"{path}: row {first_row + i} has {lengths[i]} responses but {other[i]} {name}; "
-                "per-sample list columns must have one entry per response"
-            )
+    check_sample_lists(batch, path, first_row)
     columns = dict(zip(names, batch.columns, strict=True))
     parent = np.repeat(np.arange(batch.num_rows), lengths)
     if c.filters_responses():
@@ -181,6 +174,12 @@ def filter_file(
         and criteria.min_length > criteria.max_length
     ):
         raise HpcRolloutError(f"--min_length {criteria.min_length} is above --max_length {criteria.max_length}")
+    unknown = [r for r in criteria.finish_reasons or () if r not in FINISH_REASONS]
+    if unknown:
+        raise HpcRolloutError(
+            f"--finish_reason {', '.join(unknown)}: not a finish reason; responses end with one of "
+            f"{', '.join(FINISH_REASONS)} (stop: EOS or a stop string, length: hit max_tokens, abort: cut off)"
+        )
     source = open_source(input_path, batch_rows)
     _check_columns(source, criteria)
     out = check_output(source, output)

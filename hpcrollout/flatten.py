@@ -25,6 +25,7 @@ from hpcrollout.sources import (
     Source,
     add_input_args,
     check_output,
+    check_sample_lists,
     open_source,
     parquet_output,
     run_standalone,
@@ -91,7 +92,6 @@ def flatten_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
         col = by_name[src]
         col_len = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
         starts = np.cumsum(col_len) - col_len
-        # A per-sample column shorter than responses for some row (e.g. missing stop reasons) yields nulls there.
         ok = real & (sample < col_len[parent])
         idx = pa.array(starts[parent] + sample, mask=~ok)
         cols.append(pc.list_flatten(col).take(idx))
@@ -120,6 +120,7 @@ def flatten(
     report = FlattenReport()
     with parquet_output(out, schema, compression) as writer:
         for batch in _merged_batches(source):
+            check_sample_lists(batch, source.path, report.rows)
             flat = flatten_batch(batch, schema)
             writer.write_batch(flat)
             report.rows += batch.num_rows

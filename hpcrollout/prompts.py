@@ -75,6 +75,7 @@ def normalize_prompt(cell: Any, max_chars: int | None = None) -> tuple[list[dict
     total = 0
     for i, msg in enumerate(cell):
         where = f"message {i}"
+        msg = _as_mapping(msg)
         if not isinstance(msg, dict):
             raise BadPrompt(f"{where} is a {type(msg).__name__}, not a {{role, content}} mapping")
         role = msg.get("role")
@@ -92,6 +93,19 @@ def normalize_prompt(cell: Any, max_chars: int | None = None) -> tuple[list[dict
     if max_chars is not None and total > max_chars:
         raise BadPrompt(f"prompt has {total:,} characters, more than data.max_prompt_chars={max_chars:,}")
     return messages, None
+
+
+def _as_mapping(msg: Any) -> Any:
+    """A message stored as a Parquet map reads as [(key, value), ...]: the mapping it is. Anything else as is."""
+    if hasattr(msg, "tolist"):
+        msg = msg.tolist()
+    if (
+        isinstance(msg, (list, tuple))
+        and msg
+        and all(isinstance(kv, (list, tuple)) and len(kv) == 2 and isinstance(kv[0], str) for kv in msg)
+    ):
+        return dict(msg)
+    return msg
 
 
 def _canonical(cell: Any) -> bytes:
@@ -123,6 +137,7 @@ def prompt_chars(cell: Any) -> int:
     if isinstance(cell, (list, tuple)):
         total = 0
         for msg in cell:
+            msg = _as_mapping(msg)
             if isinstance(msg, dict):
                 c = msg.get("content")
                 total += prompt_chars(c) if not isinstance(c, dict) else 0

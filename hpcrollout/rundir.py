@@ -6,9 +6,14 @@ RUN_DIR/
   shards/00000.parquet         shard inputs: the input rows + _hpcr_row, _hpcr_uid
   parts/00000/part-*.parquet   committed results of a running shard (atomic, one file per commit)
   outputs/00000.parquet        a finished shard's results, one row per prompt, sorted by row
-  done/00000.json              completion marker, written last (counts, timings)
+  done/00000.json              completion marker, written last (counts, timings); the shard is done while
+                               both it and its output exist
+  quarantine/parts/00000/...   part files found unreadable or foreign, set aside (never deleted); their prompts
+                               are generated again
   heartbeats/00000.json        progress of the shard's current attempt
   claims/                      dynamic mode: who works on which shard
+  tasks/00000.json             SLURM task records (slurm_task.py)
+  tasks/local-00000.{lock,json} local executor: held while the task is queued or runs; its pid, host, exit code
   logs/                        executor logs (submitit's stdout/stderr per task)
   lock                         held while a submit is in progress
 """
@@ -16,6 +21,7 @@ RUN_DIR/
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -26,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hpcrollout.errors import HpcRolloutError
+from hpcrollout.errors import HpcRolloutError, WriteError
 
 
 def fsync_dir(path: Path) -> None:
@@ -39,15 +45,46 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Why a write fails that the user, not the code, must fix; the error then names the path (WriteError).
+WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+def write_error(path: Path, exc: OSError) -> WriteError | OSError:
+    """A WriteError naming the path, the problem and the next step, for the failures in WRITE_FAILURES."""
+    reason = WRITE_FAILURES.get(exc.errno or 0)
+    if reason is None:
+        return exc
+    run = next((p for p in [path, *path.parents][:5] if (p / "manifest.json").is_file()), None)
+    again = f"hpcrollout resume {run}" if run else "the command again"
+    fix = (
+        "free space there"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "make it writable (or copy the run elsewhere)"
+    )
+    return WriteError(
+        f"cannot write {path}: {reason} ({exc.strerror or exc}); {fix}, then run {again} (committed results are kept)"
+    )
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yield a temp path in dest's directory; on success fsync it and rename it over dest.
 
-    A reader never sees a half-written file; a crash leaves at most a ``.tmp`` file, which is ignored.
+    A reader never sees a half-written file; a crash leaves at most a ``.tmp`` file, which is ignored. A write
+    that fails for want of space or permission raises WriteError naming dest.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as exc:
+        raise write_error(dest, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -56,9 +93,13 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, dest)
         fsync_dir(dest.parent)
+    except OSError as exc:
+        if isinstance(exc, WriteError) or exc.errno not in WRITE_FAILURES:
+            raise
+        raise write_error(dest, exc) from None
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
 
 
 def write_atomic(dest: str | Path, data: str | bytes) -> None:
@@ -70,14 +111,46 @@ def write_json_atomic(dest: str | Path, obj: Any) -> None:
     write_atomic(dest, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
+def read_json(path: str | Path, next_step: str = "delete it to redo that step") -> Any:
+    """A JSON file of the run directory; FileNotFoundError if absent, HpcRolloutError naming it if damaged."""
     path = Path(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as exc:
-        raise HpcRolloutError(f"{path} is unreadable or not valid JSON ({exc}); delete it to redo that step") from None
+        raise HpcRolloutError(f"{path} is unreadable or not valid JSON ({exc}); {next_step}") from None
+
+
+def _manifest_problem(m: Any) -> str | None:
+    """Why this is not a manifest prepare_run writes, or None."""
+    if not isinstance(m, dict):
+        return f"a {type(m).__name__}, not an object"
+    for key in ("shards", "num_rows", "num_tasks"):
+        if key not in m:
+            return f"no {key!r}"
+    if not isinstance(m["num_rows"], int) or not isinstance(m["num_tasks"], int) or m["num_tasks"] < 1:
+        return "num_rows and num_tasks must be integers"
+    shards = m["shards"]
+    if not isinstance(shards, list) or not shards:
+        return "'shards' must be a non-empty list"
+    end = 0
+    for i, s in enumerate(shards):
+        rows = s.get("rows") if isinstance(s, dict) else None
+        if not (
+            isinstance(s, dict)
+            and s.get("shard") == i
+            and isinstance(rows, list)
+            and len(rows) == 2
+            and all(isinstance(r, int) for r in rows)
+        ):
+            return f"shard entry {i} is not {{'shard': {i}, 'rows': [start, end], ...}}"
+        if rows[0] != end or rows[1] <= rows[0]:
+            return f"shard {i} covers rows {rows[0]}-{rows[1]}, but the previous shard ended at row {end}"
+        end = rows[1]
+    if end != m["num_rows"]:
+        return f"the shards cover {end} rows, but num_rows is {m['num_rows']}"
+    return None
 
 
 def static_task(shard: int, num_tasks: int) -> int:
@@ -130,6 +203,37 @@ class RunDir:
     def heartbeat(self, shard: int) -> Path:
         return self.root / "heartbeats" / f"{shard_name(shard)}.json"
 
+    @property
+    def tasks_dir(self) -> Path:
+        return self.root / "tasks"
+
+    def local_task_lock(self, task: int) -> Path:
+        """Local executor: flock-ed for as long as the task is queued in its submit or its worker runs."""
+        return self.tasks_dir / f"local-{shard_name(task)}.lock"
+
+    def local_task_record(self, task: int) -> Path:
+        """Local executor: the task's worker (pid, host, start time) and, once it ended, its exit code."""
+        return self.tasks_dir / f"local-{shard_name(task)}.json"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.root / "quarantine"
+
+    def quarantine(self, path: Path, why: str) -> Path:
+        """Move a damaged run file aside under quarantine/ (same relative path), with a note saying why."""
+        dest = self.quarantine_dir / path.relative_to(self.root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            dest = dest.with_name(f"{dest.name}.{time.time_ns()}")
+        os.replace(path, dest)
+        dest.with_name(dest.name + ".why").write_text(why + "\n")
+        return dest
+
+    def quarantined(self) -> list[Path]:
+        """Files set aside so far."""
+        q = self.quarantine_dir
+        return sorted(p for p in q.rglob("*") if p.is_file() and p.suffix != ".why") if q.is_dir() else []
+
     # state
     def exists(self) -> bool:
         return self.manifest_path.is_file()
@@ -144,20 +248,48 @@ class RunDir:
             )
 
     def manifest(self) -> dict[str, Any]:
+        """manifest.json, checked for the shape every stage relies on; damaged, it names the way out."""
         self.require()
-        return read_json(self.manifest_path)
+        path = self.manifest_path
+        restore = (
+            "restore it from a backup, or start a new run_dir (do not delete it: sharding again would put new "
+            "shards beside this run's results)"
+        )
+        manifest = read_json(path, restore)
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise HpcRolloutError(f"{path} is not a run manifest ({problem}); {restore}")
+        return manifest
+
+    def results_present(self) -> list[Path]:
+        """The folders holding results of shards (outputs, markers, parts, claims) that are not empty."""
+        names = ("outputs", "done", "parts", "claims")
+        return [self.root / n for n in names if (self.root / n).is_dir() and any((self.root / n).iterdir())]
 
     def num_shards(self) -> int:
         return len(self.manifest()["shards"])
 
     def is_done(self, shard: int) -> bool:
-        return self.done_marker(shard).is_file()
+        """Done = its marker and its output exist. The one rule status, resume, the worker and merge share:
+        a shard whose output was deleted is redone, whatever its marker says."""
+        return self.done_marker(shard).is_file() and self.shard_output(shard).is_file()
+
+    def _stems(self, folder: str, suffix: str) -> set[int]:
+        d = self.root / folder
+        if not d.is_dir():
+            return set()
+        return {int(p.stem) for p in d.glob(f"*{suffix}") if p.stem.isdigit()}
+
+    def marked_shards(self) -> set[int]:
+        """Shards with a done marker (whether or not their output still exists)."""
+        return self._stems("done", ".json")
 
     def done_shards(self) -> set[int]:
-        done = self.root / "done"
-        if not done.is_dir():
-            return set()
-        return {int(p.stem) for p in done.glob("*.json") if p.stem.isdigit()}
+        return self.marked_shards() & self._stems("outputs", ".parquet")
+
+    def lost_outputs(self) -> list[int]:
+        """Shards marked done whose output is gone (deleted by hand): resume redoes them."""
+        return sorted(self.marked_shards() - self._stems("outputs", ".parquet"))
 
     def pending_shards(self) -> list[int]:
         done = self.done_shards()
@@ -178,9 +310,13 @@ class RunDir:
     @contextlib.contextmanager
     def lock(self, what: str = "submit") -> Iterator[None]:
         """An exclusive, non-blocking lock on the run directory: a second submit gets a clear error."""
-        self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / "lock"
-        with open(path, "a+") as f:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a+")  # noqa: SIM115 - closed by the with below
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        with f:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -189,13 +325,15 @@ class RunDir:
                 raise HpcRolloutError(
                     f"{self.root} is locked by {holder}: another {what} is in progress on this run directory"
                 ) from None
-            f.seek(0)
-            f.truncate()
-            f.write(f"{what} pid {os.getpid()} on {socket.gethostname()}\n")
-            f.flush()
+            with contextlib.suppress(OSError):  # who holds it is only for the message; a full disk may refuse it
+                f.seek(0)
+                f.truncate()
+                f.write(f"{what} pid {os.getpid()} on {socket.gethostname()}\n")
+                f.flush()
             try:
                 yield
             finally:
-                f.seek(0)
-                f.truncate()
+                with contextlib.suppress(OSError):
+                    f.seek(0)
+                    f.truncate()
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -27,7 +27,10 @@ import pyarrow as pa
 
 from hpcrollout.engines.base import PromptResult
 
-# Internal columns of shard input files.
+# Internal columns of shard files, parts and shard outputs. They carry a prefix no dataset uses, so every input
+# column (a `row` or `id` of the user's own included) comes back from merge unchanged; an input column with the
+# prefix is refused before the run.
+INTERNAL_PREFIX = "_hpcr_"
 ROW = "_hpcr_row"
 UID = "_hpcr_uid"
 INTERNAL_COLUMNS = (ROW, UID)
@@ -47,9 +50,11 @@ OPTIONAL_FIELDS = {
     "logprobs": pa.field("logprobs", pa.list_(pa.list_(pa.float32()))),
     "cumulative_logprobs": pa.field("cumulative_logprobs", pa.list_(pa.float64())),
 }
+# Every finish reason an engine records (engines/base.py): what `filter --finish_reason` accepts.
+FINISH_REASONS = ("stop", "length", "abort")
 RESULT_COLUMNS = tuple(f.name for f in RESULT_FIELDS) + tuple(OPTIONAL_FIELDS)
 # Parts and shard outputs carry the global row first, so they can be sorted and checked against shard inputs.
-PART_ROW = "row"
+PART_ROW = ROW
 
 
 def result_schema(logprobs: bool = False, token_ids: bool = False) -> pa.Schema:

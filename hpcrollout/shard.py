@@ -27,11 +27,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hpcrollout import __version__
-from hpcrollout.config import RunConfig, add_override_arg, load_config
+from hpcrollout.config import RunConfig, add_override_arg, load_config, sample_engine_settings
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.prompts import derive_uid, prompt_chars
 from hpcrollout.rundir import RunDir, atomic_path, write_atomic, write_json_atomic
-from hpcrollout.schema import INTERNAL_COLUMNS, RESULT_COLUMNS, ROW, UID
+from hpcrollout.schema import INTERNAL_COLUMNS, INTERNAL_PREFIX, RESULT_COLUMNS, ROW, UID
 
 log = logging.getLogger("hpcrollout")
 
@@ -131,7 +131,13 @@ def check_columns(path: Path, schema: pa.Schema, config: RunConfig) -> None:
         raise HpcRolloutError(
             f"input {path} has no id column {config.data.id_column!r} (data.id_column); columns: {', '.join(names)}"
         )
-    clashes = [c for c in names if c in INTERNAL_COLUMNS or (c in RESULT_COLUMNS and c != config.data.id_column)]
+    internal = [c for c in names if c.startswith(INTERNAL_PREFIX) or c in INTERNAL_COLUMNS]
+    if internal:
+        raise HpcRolloutError(
+            f"input {path} has column(s) {', '.join(internal)}, named like hpcrollout's internal columns "
+            f"({INTERNAL_PREFIX}*); rename them in the input"
+        )
+    clashes = [c for c in names if c in RESULT_COLUMNS and c != config.data.id_column]
     if clashes:
         hint = " (to use it as the prompt id, set data.id_column: uid)" if clashes == ["uid"] else ""
         raise HpcRolloutError(
@@ -180,10 +186,12 @@ def scan_input(pf: InputFiles, path: Path, config: RunConfig) -> np.ndarray:
         work[offset : offset + len(chars)] = chars / CHARS_PER_TOKEN + sp.n * budget
         if data.id_column:
             ids = batch.column(data.id_column)
-            if ids.null_count:
-                row = offset + int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
-                raise HpcRolloutError(f"input {path} row {row}: id column {data.id_column!r} is null")
-            hashes.append(_hash64(ids.to_pylist()))
+            missing = ids.is_null(nan_is_null=True) if pa.types.is_floating(ids.type) else ids.is_null()
+            if pc.any(missing).as_py():
+                row = offset + int(np.flatnonzero(missing.to_numpy(zero_copy_only=False))[0])
+                what = "null" if ids.null_count else "NaN"
+                raise HpcRolloutError(f"input {path} row {row}: id column {data.id_column!r} is {what}; ids must be set and unique")
+            hashes.append(_hash64([str(v) for v in ids.to_pylist()]))  # the uid is str(id): unique as strings
         offset += len(chars)
     if hashes:
         _check_unique_ids(pf, path, data.id_column, np.concatenate(hashes))
@@ -200,7 +208,7 @@ def _check_unique_ids(pf: InputFiles, path: Path, id_column: str, hashes: np.nda
     rows = np.flatnonzero(hashes == target)[:2].tolist()
     ids = pf.read(columns=[id_column]).column(0)
     a, b = ids[rows[0]].as_py(), ids[rows[1]].as_py()
-    if a == b:
+    if str(a) == str(b):
         raise HpcRolloutError(
             f"input {path}: id column {id_column!r} has the value {a!r} at rows {rows[0]} and {rows[1]}; ids must be unique"
         )
@@ -294,7 +302,57 @@ def _write_shards(pf: InputFiles, rundir: RunDir, config: RunConfig, ranges: lis
 
 
 def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    # Only keys the run was started with: a run from before a key was fingerprinted is not refused for lacking it.
+    return [k for k in sorted(old) if old.get(k) != new.get(k)]
+
+
+MODEL_FILES_CAP = 10_000  # a model directory is a few dozen files; stop listing a mistaken path (e.g. /) early
+
+
+def model_fingerprint(path: str | None) -> dict[str, Any] | None:
+    """Cheap identity of a model directory: its resolved path (a `latest` symlink followed), a hash of its
+    config.json, and of every file's name, size and mtime. None for a hub name or a path not on this machine.
+
+    Weights rebuilt or replaced at the same path change sizes or mtimes, so a resume notices them."""
+    if not path or not Path(path).is_dir():
+        return None
+    root = Path(path).resolve()
+    listing = hashlib.sha256()
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or count >= MODEL_FILES_CAP:
+                continue
+            file = Path(dirpath) / name
+            try:
+                st = file.stat()  # through symlinks: hub snapshots link to blobs
+            except OSError:
+                continue
+            listing.update(f"{file.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            count += 1
+    config = root / "config.json"
+    try:
+        config_hash = hashlib.sha256(config.read_bytes()).hexdigest()[:16] if config.is_file() else None
+    except OSError:
+        config_hash = None
+    return {"path": str(root), "config_sha256": config_hash, "files": count, "listing_sha256": listing.hexdigest()[:16]}
+
+
+def model_changed(old: dict[str, Any] | None, model_path: str | None) -> str | None:
+    """How the model directory differs from the one the run started with, or None (same, or not checkable)."""
+    if not old:
+        return None
+    new = model_fingerprint(model_path)
+    if new is None:
+        return None  # not on this machine now (moved, a mount missing): whether it exists is checked elsewhere
+    if new["path"] != old.get("path"):
+        return f"model directory ({model_path} now resolves to {new['path']}, the run started with {old.get('path')})"
+    if new["config_sha256"] != old.get("config_sha256"):
+        return f"model directory ({new['path']}: config.json changed since the run started)"
+    if (new["files"], new["listing_sha256"]) != (old.get("files"), old.get("listing_sha256")):
+        return f"model directory ({new['path']}: its files (names, sizes or mtimes) changed since the run started)"
+    return None
 
 
 def plan_input(config: RunConfig) -> tuple[InputFiles, np.ndarray, list[tuple[int, int]]]:
@@ -321,6 +379,12 @@ def prepare_run(config: RunConfig, *, force: bool = False) -> RunDir:
     input_path = Path(config.data.input)
     if rundir.exists():
         return _reopen(rundir, config, force)
+    if results := rundir.results_present():
+        raise HpcRolloutError(
+            f"{rundir.root} has results ({', '.join(p.name + '/' for p in results)}) but no manifest.json: sharding "
+            "again would put new shards beside the old shards' results. Restore manifest.json, or move those "
+            "folders out of the run directory, or use a new run_dir"
+        )
     started = time.time()
     pf, work, ranges = plan_input(config)
     fingerprint = input_fingerprint(input_path, pf)
@@ -333,6 +397,7 @@ def prepare_run(config: RunConfig, *, force: bool = False) -> RunDir:
         "created": time.time(),
         "input": fingerprint,
         "generation": config.generation_fingerprint(),
+        "model_dir": model_fingerprint(config.model.path),
         "num_rows": int(len(work)),
         "num_tasks": config.executor.num_tasks,
         "mode": config.sharding.mode,
@@ -363,6 +428,8 @@ def reopen_changes(rundir: RunDir, config: RunConfig) -> list[str]:
         old_input = manifest["input"]
         if any(new_input[k] != old_input.get(k) for k in ("size", "num_rows", "schema", "sha256_head_footer")):
             changes.append(f"input file ({config.data.input} differs from the one sharded: {old_input['path']})")
+    if (model := model_changed(manifest.get("model_dir"), config.model.path)) is not None:
+        changes.append(model)
     old_mode = manifest.get("mode", "static")
     if old_mode != config.sharding.mode:
         # Tasks of the old mode may still run: static ones own shards i, i+N, ...; dynamic ones claim any.
@@ -389,6 +456,7 @@ def _reopen(rundir: RunDir, config: RunConfig, force: bool) -> RunDir:
     if changes:
         log.warning("continuing %s despite changed %s (--force)", rundir.root, ", ".join(changes))
         manifest["generation"] = config.generation_fingerprint()
+        manifest["model_dir"] = model_fingerprint(config.model.path) or manifest.get("model_dir")
         manifest["mode"] = config.sharding.mode
         manifest.setdefault("forced", []).append({"time": time.time(), "changes": changes})
     # Resource settings (tasks, SLURM, checkpointing) may change freely between submissions.
@@ -401,7 +469,8 @@ def _reopen(rundir: RunDir, config: RunConfig, force: bool) -> RunDir:
 def _config_diff(old: RunConfig, new: RunConfig) -> str:
     a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
     diffs = []
-    for section in ("backend", "model", "sampling", "data"):
+    a["engine"], b["engine"] = sample_engine_settings(a["engine"]), sample_engine_settings(b["engine"])
+    for section in ("backend", "model", "engine", "sampling", "data"):
         x, y = a[section], b[section]
         if isinstance(x, dict):
             diffs += [

@@ -39,9 +39,10 @@ def task_record_path(run_dir: RunDir, task_id: int) -> Path:
 def read_task_record(run_dir: RunDir, task_id: int) -> dict[str, Any]:
     """The task's record, or {} if it never started (or the file is unreadable)."""
     try:
-        return read_json(task_record_path(run_dir, task_id))
+        record = read_json(task_record_path(run_dir, task_id))
     except (FileNotFoundError, HpcRolloutError):
         return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _slurm_job_id() -> str | None:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hpcrollout.errors import HpcRolloutError
@@ -161,6 +163,58 @@ def _kind_of(path: Path, schema: pa.Schema) -> str:
     )
 
 
+def _is_str(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _list_of(pred):  # noqa: ANN001, ANN202 - a type predicate -> a list-of-that predicate
+    # an all-null column (pyarrow infers type null) fits any type
+    return lambda t: (
+        (pa.types.is_list(t) or pa.types.is_large_list(t)) and (pa.types.is_null(t.value_type) or pred(t.value_type))
+    )
+
+
+def _is_num(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+# The result columns post-processing reads, with the types merge and flatten write (and a name for messages).
+RESULT_TYPES: dict[str, dict[str, tuple[Any, str]]] = {
+    MERGED: {
+        "responses": (_list_of(_is_str), "list<string>"),
+        "response_tokens": (_list_of(pa.types.is_integer), "list<int32>"),
+        "finish_reasons": (_list_of(_is_str), "list<string>"),
+        "stop_reasons": (_list_of(_is_str), "list<string>"),
+        "sample_seeds": (_list_of(pa.types.is_integer), "list<int64>"),
+        "prompt_tokens": (pa.types.is_integer, "int32"),
+        "error": (_is_str, "string"),
+        "token_ids": (_list_of(_list_of(pa.types.is_integer)), "list<list<int32>>"),
+        "logprobs": (_list_of(_list_of(_is_num)), "list<list<float32>>"),
+        "cumulative_logprobs": (_list_of(_is_num), "list<float64>"),
+    },
+    FLATTENED: {
+        "response": (_is_str, "string"),
+        "response_tokens": (pa.types.is_integer, "int32"),
+        "finish_reason": (_is_str, "string"),
+        "stop_reason": (_is_str, "string"),
+        "sample_seed": (pa.types.is_integer, "int64"),
+        "sample_index": (pa.types.is_integer, "int32"),
+        "prompt_tokens": (pa.types.is_integer, "int32"),
+        "error": (_is_str, "string"),
+    },
+}
+
+
+def check_result_types(path: Path, schema: pa.Schema, kind: str) -> None:
+    """Refuse a file whose result columns have other types than merge/flatten write, naming the column."""
+    for name, (ok, expected) in RESULT_TYPES[kind].items():
+        if name in schema.names and not (pa.types.is_null(schema.field(name).type) or ok(schema.field(name).type)):
+            raise HpcRolloutError(
+                f"{path}: column {name!r} is {schema.field(name).type}, but a {kind} hpcrollout output has {expected} "
+                "there; pass a file written by hpcrollout merge or flatten (or rename that column)"
+            )
+
+
 def _auto_batch_rows(meta: pq.FileMetaData) -> int:
     if meta.num_rows == 0 or meta.num_row_groups == 0:
         return MAX_BATCH_ROWS
@@ -199,9 +253,11 @@ def open_source(path: str | Path, batch_rows: int | None = None, partial: bool =
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
         raise HpcRolloutError(f"{path} is not a readable Parquet file ({exc})") from None
     schema = pf.schema_arrow
+    kind = _kind_of(path, schema)
+    check_result_types(path, schema, kind)
     return Source(
         path=path,
-        kind=_kind_of(path, schema),
+        kind=kind,
         schema=schema,
         num_rows=pf.metadata.num_rows,
         batch_rows=batch_rows or _auto_batch_rows(pf.metadata),
@@ -260,6 +316,22 @@ def parquet_output(
                 background.finish()
             finally:
                 writer.close()
+
+
+def check_sample_lists(batch: pa.RecordBatch, path: Path, first_row: int) -> None:
+    """Refuse a merged batch whose per-sample list columns do not have one entry per response."""
+    lengths = pc.list_value_length(batch.column("responses")).fill_null(0).to_numpy(zero_copy_only=False)
+    for name in SAMPLE_COLUMNS:
+        if name == "responses" or name not in batch.schema.names:
+            continue
+        other = pc.list_value_length(batch.column(name)).fill_null(0).to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(other != lengths)
+        if bad.size:
+            i = int(bad[0])
+            raise HpcRolloutError(
+                f"{path}: row {first_row + i} has {lengths[i]} responses but {other[i]} {name}; "
+                "per-sample list columns must have one entry per response"
+            )
 
 
 def check_output(source: Source, output: str | Path) -> Path:

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from hpcrollout.errors import HpcRolloutError
+from hpcrollout.local import local_active_tasks, local_task_record
+from hpcrollout.procs import pid_alive
 from hpcrollout.rundir import RunDir, read_json, static_task
 
 ACTIVE_STATES = {
@@ -51,11 +53,23 @@ def jobs_path(rundir: RunDir) -> Path:
 
 def read_jobs(rundir: RunDir) -> dict[str, Any]:
     """RUN_DIR/jobs.json: every submission (executor, array job id, task ids in array order, time)."""
+    path = jobs_path(rundir)
+    next_step = (
+        f"move it aside (mv {path} {path}.bad) and check with squeue that no job of this run is still queued "
+        "or running; then submit or resume again (status then knows only the jobs submitted after that)"
+    )
     try:
-        jobs = read_json(jobs_path(rundir))
+        jobs = read_json(path, next_step)
     except FileNotFoundError:
         return {"submissions": []}
-    jobs.setdefault("submissions", [])
+    subs = jobs.setdefault("submissions", []) if isinstance(jobs, dict) else None
+    if not isinstance(subs, list) or not all(
+        isinstance(sub, dict)
+        and isinstance(sub.get("tasks", []), list)
+        and all(_int(t) is not None for t in sub.get("tasks", []))
+        for sub in subs
+    ):
+        raise HpcRolloutError(f'{path} is not a record of submissions ({{"submissions": [...]}}); {next_step}')
     return jobs
 
 
@@ -69,20 +83,20 @@ def _submission_jobs(sub: dict[str, Any]) -> list[tuple[int, str]]:
     if sub.get("executor") != "slurm" or not sub.get("job_id"):
         return []
     ids = sub.get("job_ids") or [f"{sub['job_id']}_{i}" for i in range(len(sub["tasks"]))]
-    return [(int(task), str(job)) for task, job in zip(sub["tasks"], ids, strict=True)]
+    return [(int(task), str(job)) for task, job in zip(sub["tasks"], ids)]
 
 
-def latest_jobs(rundir: RunDir) -> dict[int, str]:
+def latest_jobs(rundir: RunDir, jobs: dict[str, Any] | None = None) -> dict[int, str]:
     """Each task's SLURM job id (ARRAY_INDEX) in its latest submission."""
     out: dict[int, str] = {}
-    for sub in read_jobs(rundir)["submissions"]:
+    for sub in (jobs or read_jobs(rundir))["submissions"]:
         out.update(_submission_jobs(sub))
     return out
 
 
-def task_of_job(rundir: RunDir) -> dict[str, int]:
+def task_of_job(rundir: RunDir, jobs: dict[str, Any] | None = None) -> dict[str, int]:
     """Every SLURM job id this run ever submitted -> its task."""
-    return {job: task for sub in read_jobs(rundir)["submissions"] for task, job in _submission_jobs(sub)}
+    return {job: task for sub in (jobs or read_jobs(rundir))["submissions"] for task, job in _submission_jobs(sub)}
 
 
 # ---------------------------------------------------------------------------------------------- scheduler
@@ -188,17 +202,36 @@ def task_log(rundir: RunDir, task: int, job_id: str | None, record: dict[str, An
 
 
 # ---------------------------------------------------------------------------------------------- status
-def _pid_alive(pid: int) -> bool:
+# Heartbeat fields status computes with: a heartbeat with one of these not a number is ignored (and noted).
+_HEARTBEAT_NUMBERS = (
+    "time",
+    "started",
+    "pid",
+    "prompts_total",
+    "prompts_done",
+    "prompts_done_this_attempt",
+    "output_tokens_this_attempt",
+    "tokens_per_s",
+    "eta_s",
+)
+
+
+def _read_record(path: Path, what: str, notes: list[str]) -> dict[str, Any]:
+    """A heartbeat or done marker as a dict with numeric fields, or {} (absent, or damaged: noted, not fatal)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # zombies count as dead (some PID 1s never reap)
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
+        record = read_json(path)
+    except FileNotFoundError:
+        return {}
+    except HpcRolloutError:
+        notes.append(f"{path} is not valid JSON; ignored it ({what})")
+        return {}
+    if not isinstance(record, dict) or any(
+        record.get(k) is not None and (isinstance(record[k], bool) or not isinstance(record[k], (int, float)))
+        for k in (*_HEARTBEAT_NUMBERS, "samples", "output_tokens")
+    ):
+        notes.append(f"{path} does not hold a {what} record; ignored it")
+        return {}
+    return record
 
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:
@@ -216,23 +249,35 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         n, hb_every, lease_s = 1, 30.0, 120.0
     num_tasks = int(manifest["num_tasks"])
     dynamic = manifest.get("mode") == "dynamic"
-    jobs = latest_jobs(rundir)
+    notes: list[str] = []  # damaged or surprising files, shown under the table
+    try:
+        jobs_doc = read_jobs(rundir)
+    except HpcRolloutError as exc:
+        notes.append(str(exc))
+        jobs_doc = {"submissions": []}
+    jobs = latest_jobs(rundir, jobs_doc)
     arrays = sorted({j.split("_")[0] for j in jobs.values()})
     queued = squeue_states(arrays)
     acct = sacct_states(arrays)
-    submissions = read_jobs(rundir)["submissions"]
+    submissions = jobs_doc["submissions"]
     submitted = {int(t) for s in submissions for t in s.get("tasks", [])}
     local_exit: dict[int, int] = {}  # the latest local submission's exit code per task, once it has ended
-    for sub in submissions:
-        if sub.get("executor") == "local":
-            local_exit.update({int(t): int(c) for t, c in (sub.get("exit_codes") or {}).items()})
-    job_task = task_of_job(rundir) if dynamic else {}
+    for sub in submissions:  # (older runs kept them in jobs.json; now each task's local record has its own)
+        if sub.get("executor") == "local" and isinstance(sub.get("exit_codes"), dict):
+            local_exit.update(
+                {int(t): int(c) for t, c in sub["exit_codes"].items() if _int(t) is not None and _int(c) is not None}
+            )
+    local_live = local_active_tasks(rundir)
+    job_task = task_of_job(rundir, jobs_doc) if dynamic else {}
     host = socket.gethostname()
 
     tasks: dict[int, dict[str, Any]] = {}
     for task in sorted(set(range(num_tasks)) | set(jobs)):
         job_id = jobs.get(task)
         record = read_task_record(rundir, task)
+        local = local_task_record(rundir, task)
+        if _int(local.get("exit_code")) is not None:
+            local_exit[task] = int(local["exit_code"])
         q = (queued or {}).get(job_id or "")
         a = (acct or {}).get(job_id or "")
         sched = q["state"] if q else (a["state"] if a else None)
@@ -240,9 +285,9 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
             # Not queued any more, but accounting has not caught up yet (slurmdbd lags by a second or two).
             sched = "ENDED"
         # The scheduler counts our retry requeues (a task that raised) too: those are reported as retries.
-        retries = int(record.get("retries", 0))
+        retries = _int(record.get("retries")) or 0
         sched_requeues = max(q["restarts"] if q else 0, a["requeues"] if a else 0) - retries
-        requeues = max(sched_requeues, int(record.get("requeues", 0)))
+        requeues = max(sched_requeues, _int(record.get("requeues")) or 0)
         tasks[task] = {
             "task": task,
             "job_id": job_id,
@@ -251,13 +296,14 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
             "exit_code": a["exit_code"] if a else None,
             "requeues": requeues,
             "retries": retries,
-            "failures": int(record.get("failures", 0)),
+            "failures": _int(record.get("failures")) or 0,
             "record_state": record.get("state"),
             "error": record.get("error"),
             "host": record.get("host"),
             "log": task_log(rundir, task, job_id, record),
             "submitted": task in submitted or job_id is not None,
             "local_exit_code": local_exit.get(task),
+            "local_active": task in local_live,
         }
 
     done = rundir.done_shards()
@@ -269,12 +315,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         i = s["shard"]
         a, b = s["rows"]
         total = b - a
-        hb: dict[str, Any] = {}
-        if rundir.heartbeat(i).exists():
-            try:
-                hb = read_json(rundir.heartbeat(i))
-            except HpcRolloutError:
-                hb = {}
+        hb = _read_record(rundir.heartbeat(i), "heartbeat", notes)
         claim = claims.get(i)
         if not dynamic:
             task = static_task(i, num_tasks)
@@ -285,10 +326,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         t = tasks.get(task) if task is not None else None
         entry: dict[str, Any] = {"shard": i, "task": task, "prompts_total": total, "job_id": t["job_id"] if t else None}
         if i in done:
-            try:
-                marker = read_json(rundir.done_marker(i))
-            except HpcRolloutError:
-                marker = {}
+            marker = _read_record(rundir.done_marker(i), "done marker", notes)
             entry.update(
                 state="done",
                 prompts_done=total,
@@ -325,6 +363,16 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
             entry["claim"] = claim
         shards.append(entry)
 
+    for i in rundir.lost_outputs():
+        notes.append(
+            f"shard {i:05d} is marked done but its output {rundir.shard_output(i)} is gone; resume generates it again"
+        )
+    quarantined = rundir.quarantined()
+    if quarantined:
+        notes.append(
+            f"{len(quarantined)} damaged part file(s) were set aside in {rundir.quarantine_dir} (their prompts are "
+            f"generated again), e.g. {quarantined[0]}"
+        )
     counts: dict[str, int] = {}
     for e in shards:
         counts[e["state"]] = counts.get(e["state"], 0) + 1
@@ -371,6 +419,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "claims": claim_summary(claims, len(shards) - len(done)) if dynamic else None,
         "complete": len(done) == len(shards),
         "resume_command": f"hpcrollout resume {rundir.root}",
+        "notes": notes,
     }
 
 
@@ -443,15 +492,17 @@ def _shard_state(hb: dict[str, Any], t: dict[str, Any] | None, now: float, hb_ev
         if rec in ("requeued", "retrying"):
             return "requeued"
         return "running" if this_attempt and fresh else "pending"
-    # local executor: a heartbeat from a live process on this host means running
-    if hb_running:
-        pid, hb_host = _int(hb.get("pid")), hb.get("host")
-        if hb_host == host and pid is not None:
-            return "running" if _pid_alive(pid) else "failed"
+    # local executor: a heartbeat from a live process on this host means running; a task whose lock is held is
+    # queued in its submit or running; a submitted task that holds no lock has ended without finishing the shard
+    # (its exit code says how, or its submit was killed before it could record one)
+    pid, hb_host = _int(hb.get("pid")), hb.get("host")
+    if hb_running and hb_host == host and pid is not None and pid_alive(pid):
+        return "running"
+    if t.get("local_active"):
+        return "running" if hb_running and hb_host != host and fresh else "pending"
+    if hb_running and hb_host != host:
         return "running" if fresh else "failed"
-    if rec == "failed" or t.get("local_exit_code"):  # a local task that exited non-zero left this shard unfinished
-        return "failed"
-    return "pending"
+    return "failed"
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -531,6 +582,9 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
                 for e in (st["shards"][i] for i in st["slowest"])
             )
         )
+    if st.get("notes"):
+        lines.append("")
+        lines += [f"note: {n}" for n in st["notes"]]
     for f in st["failed"]:
         lines.append("")
         what = f"task {f['task']}" + (

@@ -16,11 +16,13 @@ num_tasks while tasks of the old layout are queued or running is refused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from hpcrollout.config import RunConfig, add_override_arg, load_config
@@ -188,14 +190,15 @@ def submit_run(
 
     add_tasks (dynamic mode): submit that many tasks beside the queued and running ones, which they join.
     """
+    from hpcrollout.local import hold_task_locks, release_task_locks, run_local
     from hpcrollout.shard import prepare_run
 
     config.require("run_dir")
     rundir = RunDir(config.run_dir)
-    with rundir.lock(command):
-        active: dict[int, str] = {}
-        if config.executor.type == "slurm" and rundir.exists():
-            active = active_tasks(rundir)
+    locks: dict[int, int] = {}
+    # a failure before the tasks start frees their locks again
+    with rundir.lock(command), _released_on_error(locks):
+        active = running_tasks(rundir, config)
         if add_tasks is not None:
             add_tasks_to(config, rundir, add_tasks, active)
         if active and not is_dynamic(rundir, config):
@@ -215,6 +218,8 @@ def submit_run(
             return result
         result["tasks"] = wanted
         if config.executor.type == "local":
+            # Locked under the run directory's lock, so a submit right after this one sees these tasks running.
+            locks.update(hold_task_locks(rundir, wanted))
             # Recorded before running so status can tell a local run from a never-started one.
             record_submission(
                 rundir,
@@ -250,17 +255,34 @@ def submit_run(
             record_submission(rundir, entry)
             result["job_id"] = array_id
     if config.executor.type == "local":
-        from hpcrollout.local import run_local
-
-        result["exit_codes"] = run_local(rundir.root, wanted, config.executor.local_parallelism)
-        # For status: a local task that exited non-zero is failed even if it died before its first heartbeat.
-        jobs = read_jobs(rundir)
-        for sub in reversed(jobs["submissions"]):
-            if sub.get("executor") == "local" and sub.get("tasks") == wanted:
-                sub["exit_codes"] = {str(t): c for t, c in result["exit_codes"].items()}
-                break
-        write_json_atomic(jobs_path(rundir), jobs)
+        try:
+            # Each task's exit code goes to its local task record, which status reads.
+            result["exit_codes"] = run_local(rundir.root, wanted, config.executor.local_parallelism, locks=locks)
+        finally:
+            release_task_locks(locks)
     return result
+
+
+@contextlib.contextmanager
+def _released_on_error(locks: dict[int, int]) -> Iterator[None]:
+    from hpcrollout.local import release_task_locks
+
+    try:
+        yield
+    except BaseException:
+        release_task_locks(locks)
+        raise
+
+
+def running_tasks(rundir: RunDir, config: RunConfig) -> dict[int, str]:
+    """Tasks of this run queued or running now, {task: job}: SLURM's from squeue, local ones from their locks."""
+    if not rundir.exists():
+        return {}
+    if config.executor.type == "slurm":
+        return active_tasks(rundir)
+    from hpcrollout.local import local_active_tasks
+
+    return local_active_tasks(rundir)
 
 
 # ---------------------------------------------------------------------------------------------- dry run
@@ -270,7 +292,7 @@ def dry_run(config: RunConfig, *, force: bool = False, out=None, add_tasks: int 
     config = config.model_copy(deep=True)  # --add-tasks sets executor.num_tasks: not on the caller's config
     rundir = RunDir(config.run_dir)
     lines = ["dry run: nothing is written or submitted"]
-    active = active_tasks(rundir) if rundir.exists() and config.executor.type == "slurm" else {}
+    active = running_tasks(rundir, config)
     if add_tasks is not None:
         add_tasks_to(config, rundir, add_tasks, active)
     num_tasks = config.executor.num_tasks

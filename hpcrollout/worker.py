@@ -73,6 +73,58 @@ def committed_parts(rundir: RunDir, shard: int) -> list[Path]:
     return sorted(d.glob("part-*.parquet")) if d.is_dir() else []
 
 
+def shard_prompts(rundir: RunDir, shard: int) -> pa.Table:
+    """The shard's (row, uid) pairs, from its shard input; a clear error if that file is gone.
+
+    An unreadable one raises as it is: on a shared filesystem that may pass, and SLURM retries the task.
+    """
+    path = rundir.shard_input(shard)
+    try:
+        return pq.read_table(path, columns=[ROW, UID])
+    except FileNotFoundError:
+        raise HpcRolloutError(
+            f"shard {shard:05d}: its input {path} is missing; restore it from a backup, or start a new run_dir"
+        ) from None
+
+
+def _check_part(path: Path, schema: pa.Schema, uid_of_row: dict[int, str], full: bool) -> tuple[str | None, pa.Table]:
+    """(why a committed part cannot be used for this shard, or None; what was read of it)."""
+    try:
+        table = pq.read_table(path) if full else pq.read_table(path, columns=[PART_ROW, "uid"])
+    except (pa.ArrowInvalid, OSError, KeyError) as exc:
+        return f"unreadable ({exc})", schema.empty_table()
+    if full and not table.schema.equals(schema, check_metadata=False):
+        return "its columns are not this run's result columns", table
+    for row, uid in zip(table.column(PART_ROW).to_pylist(), table.column("uid").to_pylist()):
+        if uid_of_row.get(row) != uid:
+            return f"it holds row {row} (uid {uid!r}), which is not one of this shard's prompts", table
+    return None, table
+
+
+def usable_parts(
+    rundir: RunDir, shard: int, schema: pa.Schema, expected: pa.Table, full: bool = False
+) -> list[pa.Table]:
+    """What the shard's committed parts hold of its own prompts (row and uid, or everything with full).
+
+    A part that is unreadable (truncated, empty) or foreign (another shard's or run's rows, other columns) is
+    quarantined: moved aside, named in the log, and its prompts are generated again, instead of failing every
+    attempt.
+    """
+    uid_of_row = dict(zip(expected.column(ROW).to_pylist(), expected.column(UID).to_pylist()))
+    good = []
+    for part in committed_parts(rundir, shard):
+        problem, table = _check_part(part, schema, uid_of_row, full)
+        if problem is None:
+            good.append(table)
+            continue
+        try:
+            dest = rundir.quarantine(part, f"shard {shard:05d}: part {part.name}: {problem}")
+        except FileNotFoundError:  # another task on the shard moved it first
+            continue
+        log.warning("shard %05d: part %s is %s; moved it to %s, its prompts are generated again", shard, part, problem, dest)
+    return good
+
+
 class ShardRun:
     """One attempt at one shard."""
 
@@ -180,8 +232,10 @@ class ShardRun:
 
     def open(self) -> None:
         """Read what earlier attempts committed; the rows found there are not generated again."""
-        self.total = pq.ParquetFile(self.rundir.shard_input(self.shard)).metadata.num_rows
-        self.skip = set(read_rows(committed_parts(self.rundir, self.shard)))
+        expected = shard_prompts(self.rundir, self.shard)
+        self.total = expected.num_rows
+        parts = usable_parts(self.rundir, self.shard, self.schema, expected)
+        self.skip = {row for t in parts for row in t.column(PART_ROW).to_pylist()}
         self.done_before = len(self.skip)
         self.submitted = False
         log.info("shard %05d: %d prompts, %d already committed", self.shard, self.total, len(self.skip))
@@ -204,16 +258,19 @@ class ShardRun:
 def finish_shard(rundir: RunDir, shard: int, schema: pa.Schema, attempt: dict[str, Any]) -> dict[str, Any]:
     """Compact the parts into the shard output (first copy of each row wins), then write the done marker."""
     output = rundir.shard_output(shard)
-    expected = pq.read_table(rundir.shard_input(shard), columns=[ROW, UID])
+    expected = shard_prompts(rundir, shard)
+    created = False
     if not output.exists():
-        parts = committed_parts(rundir, shard)
-        table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else schema.empty_table()
+        parts = usable_parts(rundir, shard, schema, expected, full=True)
+        table = pa.concat_tables(parts) if parts else schema.empty_table()
         table = _first_copy_per_row(table).sort_by(PART_ROW)
         rows = table.column(PART_ROW)
         if not rows.equals(expected.column(ROW)):
             missing = len(set(expected.column(ROW).to_pylist()) - set(rows.to_pylist()))
-            raise RuntimeError(
-                f"shard {shard:05d}: parts cover {len(rows)} of {expected.num_rows} rows ({missing} missing)"
+            raise HpcRolloutError(
+                f"shard {shard:05d}: the parts in {rundir.parts_dir(shard)} cover {len(rows)} of its "
+                f"{expected.num_rows} prompts ({missing} missing: damaged parts were moved to "
+                f"{rundir.quarantine_dir}); run: hpcrollout resume {rundir.root} (it generates the missing ones)"
             )
         output.parent.mkdir(parents=True, exist_ok=True)
         staged = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.staged")
@@ -222,6 +279,7 @@ def finish_shard(rundir: RunDir, shard: int, schema: pa.Schema, attempt: dict[st
         try:
             os.link(staged, output)  # create-if-absent: of two finishers, exactly one output wins
             fsync_dir(output.parent)
+            created = True
         except FileExistsError:
             log.warning("shard %05d was finished by another task meanwhile; keeping its output", shard)
         finally:
@@ -229,7 +287,10 @@ def finish_shard(rundir: RunDir, shard: int, schema: pa.Schema, attempt: dict[st
     _maybe_crash("after_output")
     table = pq.read_table(output, columns=[PART_ROW, "uid", "response_tokens", "error"])
     if not table.column(PART_ROW).equals(expected.column(ROW)):
-        raise RuntimeError(f"shard {shard:05d}: {output} does not match its shard input row for row")
+        raise HpcRolloutError(
+            f"shard {shard:05d}: {output} does not match its shard input row for row; delete it, then run: "
+            f"hpcrollout resume {rundir.root}"
+        )
     ntok = pc.list_value_length(table.column("response_tokens"))
     marker = {
         "shard": shard,
@@ -241,7 +302,7 @@ def finish_shard(rundir: RunDir, shard: int, schema: pa.Schema, attempt: dict[st
         "host": socket.gethostname(),
         **attempt,
     }
-    if not rundir.is_done(shard):
+    if created or not rundir.done_marker(shard).is_file():  # a marker left from a deleted output is replaced
         write_json_atomic(rundir.done_marker(shard), marker)
     rundir.write_heartbeat(shard, state="done", prompts_total=marker["prompts"], prompts_done=marker["prompts"])
     parts_dir = rundir.parts_dir(shard)

@@ -118,9 +118,9 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_killed_claimant_is_reclaimed(tmp_path: Path) -> None:
-    run_dir = make_run_dir(tmp_path)
-    flag = tmp_path / "claimed"
+def _killed_claimant(run_dir) -> None:
+    """A child process claims unit 0, renews it from its keeper thread, and is SIGKILLed."""
+    flag = run_dir.root / "claimed"
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(run_dir.root), "1.0", str(flag)])
     try:
         for _ in range(600):
@@ -131,6 +131,27 @@ def test_killed_claimant_is_reclaimed(tmp_path: Path) -> None:
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
+
+
+def test_killed_claimant_on_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
+    run_dir = make_run_dir(tmp_path)
+    _killed_claimant(run_dir)
+    board = ClaimBoard(run_dir, "rescuer", order=[0, 1], lease_s=600.0, margin_s=0.05)
+    assert board.status()[0]["state"] == "dead"
+    first = board.claim_next(lambda s: False)  # its pid is gone: no lease to wait out (600 s here)
+    assert first is not None and (first.shard, first.generation) == (0, 1)
+    second = board.claim_next(lambda s: False)
+    assert second is not None and second.shard == 1
+    for claim in (first, second):
+        board.release(claim)
+
+
+def test_killed_claimant_elsewhere_is_reclaimed_after_its_lease(tmp_path: Path) -> None:
+    run_dir = make_run_dir(tmp_path)
+    _killed_claimant(run_dir)
+    g0 = run_dir.claims_dir / "00000.g0"
+    data = json.loads(g0.read_text())
+    g0.write_text(json.dumps({**data, "host": "another-node"}))  # whether it lives cannot be told from here
     time.sleep(0.6)  # past half the lease: the child has surely missed a renewal, so the unit is suspect
     board = ClaimBoard(run_dir, "rescuer", order=[0, 1], lease_s=1.0, margin_s=0.05)
     first = board.wait_for_claim(lambda s: False)
