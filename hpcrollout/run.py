@@ -111,6 +111,7 @@ def run(config: RunConfig, output: str | Path | None, *, force: bool = False) ->
         if len(tasks) == 1:
             with progress_bar(rundir) as on_result:
                 summary = run_task(rundir.root, 0, on_result=on_result)
+            timings.update(summary.get("timings", {}))
             attempts = [r for r in summary["results"] if "elapsed_s" in r]
             if attempts:
                 engine = attempts[0]["engine"]
@@ -150,8 +151,9 @@ def _rounded(timings: dict[str, float], started: float) -> dict[str, float]:
 
 def describe_timings(t: dict[str, float]) -> str:
     """'took 127.0 s: imports 1.2 s, prepare 0.3 s, ..., merge 0.4 s' (the engine's parts are within the tasks')."""
-    parts = [("imports", "process_start_s"), ("prepare", "prepare_s"), ("engine import", "engine_import_s"),
-             ("engine start", "engine_start_s"), ("generation", "generation_s"), ("tasks in all", "tasks_s"),
+    parts = [("imports", "process_start_s"), ("prepare", "prepare_s"), ("engine load", "engine_create_s"), ("of it vllm import", "engine_import_s"),
+             ("of it engine start", "engine_start_s"), ("generation", "generation_s"), ("shards in all", "shards_s"), ("engine close", "engine_close_s"),
+             ("tasks in all", "tasks_s"),
              ("merge", "merge_s")]
     shown = [f"{name} {t[key]:.1f} s" for name, key in parts if key in t]
     total = t["total_s"] + t.get("process_start_s", 0.0)

@@ -14,6 +14,7 @@ Usage (what executors run): python -m hpcrollout.worker RUN_DIR --task N
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -549,10 +550,20 @@ def run_task(
         log.info("task %d: nothing to do", task_id)
         return summary
     log.info("task %d: %s on %s", task_id, f"shards {todo}" if board is None else "claiming shards", socket.gethostname())
+    # Where a task's time goes, for `hpcrollout run`'s closing line and the end-to-end benchmark.
+    timings: dict[str, float] = {}
+    summary["timings"] = timings
+    started = time.monotonic()
     try:
-        with create_engine(config) as engine:
+        with contextlib.ExitStack() as stack:
+            engine = stack.enter_context(create_engine(config))
+            timings["engine_create_s"] = time.monotonic() - started  # imports + start (+ a compile lock wait)
             log.info("task %d: engine ready: %s", task_id, engine.describe())
+            working = time.monotonic()
             summary["results"] = TaskRunner(rundir, config, engine, source, on_result).run(should_stop)
+            timings["shards_s"] = time.monotonic() - working  # generation + finishing the last shard
+            closing = time.monotonic()
+        timings["engine_close_s"] = time.monotonic() - closing
     finally:
         source.release_all()
     summary["shards"] = [r["shard"] for r in summary["results"]]
