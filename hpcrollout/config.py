@@ -94,6 +94,22 @@ class EngineConfig(_Section):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Any other vLLM engine argument, passed as is.")
 
 
+# SamplingParams fields hpcrollout sets itself, so sampling.kwargs may not: the reason, for the error.
+MANAGED_SAMPLING_FIELDS = {
+    "output_kind": "hpcrollout takes one output per prompt, once all its samples are done",
+    "flat_logprobs": "hpcrollout chooses the logprobs format (see sampling.logprobs)",
+    "structured_outputs": "use sampling.structured_outputs (or data.structured_outputs_column)",
+}
+# The sampling.kwargs the transformers backend implements (engines/transformers_engine.py); vLLM takes any.
+TRANSFORMERS_SAMPLING_KWARGS = (
+    "min_tokens",
+    "logit_bias",
+    "allowed_token_ids",
+    "bad_words",
+    "include_stop_str_in_output",
+)
+
+
 class SamplingConfig(_Section):
     """How each of the n samples is drawn."""
 
@@ -113,6 +129,24 @@ class SamplingConfig(_Section):
     logprobs: bool = Field(False, description="Record each chosen token's logprob and the cumulative logprob.")
     return_token_ids: bool = Field(False, description="Record the generated token ids.")
     skip_special_tokens: bool = True
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Any other vllm.SamplingParams field (min_tokens, bad_words, logit_bias, allowed_token_ids, "
+            "include_stop_str_in_output, truncate_prompt_tokens, ...), passed as is; vLLM validates it before the "
+            "engine starts. The transformers backend takes only TRANSFORMERS_SAMPLING_KWARGS and refuses the rest."
+        ),
+    )
+
+    @field_validator("kwargs")
+    @classmethod
+    def _kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if key in cls.model_fields:
+                raise ValueError(f"{key} has its own key: set sampling.{key} instead")
+            if key in MANAGED_SAMPLING_FIELDS:
+                raise ValueError(f"{key} cannot be set here: {MANAGED_SAMPLING_FIELDS[key]}")
+        return v
 
     @field_validator("top_k")
     @classmethod
@@ -216,9 +250,11 @@ class RunConfig(_Section):
     def generation_fingerprint(self) -> dict[str, str]:
         """Hashes of what decides the samples; a resume with any of these changed is refused."""
         d = self.model_dump(mode="json")
+        # Keys added after runs were started enter the hash only when set, so those runs still resume.
+        sampling = {k: v for k, v in d["sampling"].items() if not (k in _LATER_SAMPLING_KEYS and not v)}
         parts = {
             "model": d["model"],
-            "sampling": d["sampling"],
+            "sampling": sampling,
             "data": {k: d["data"][k] for k in ("prompt_column", "id_column", "max_tokens_column", "max_prompt_chars")},
             "backend": d["backend"],
             "engine": sample_engine_settings(d["engine"]),
@@ -226,6 +262,8 @@ class RunConfig(_Section):
         return {k: _digest(v) for k, v in parts.items()}
 
 
+# sampling keys newer than the fingerprint; hashed only when set (see generation_fingerprint).
+_LATER_SAMPLING_KEYS = ("kwargs",)
 # Engine keys that change what is sampled (numerics, weights, context): fingerprinted like sampling.*. The other
 # engine keys (parallelism, memory, batch sizes, kv_budget, device, ...) are resources and may change on resume.
 SAMPLE_ENGINE_KEYS = ("dtype", "quantization", "max_model_len", "kv_cache_dtype", "load_format")

@@ -36,6 +36,8 @@ class FakeSamplingParams:
         self.n, self.max_tokens, self.seed = kw.pop("n", 1), kw.pop("max_tokens", 16), kw.pop("seed", None)
         self.ignore_eos, self.output_kind = kw.pop("ignore_eos", False), kw.pop("output_kind", None)
         self.extra = kw
+        if kw.get("min_tokens", 0) > self.max_tokens:  # one of vLLM's own checks, as vLLM words it
+            raise ValueError(f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {kw['min_tokens']}.")
 
 
 @dataclass
@@ -95,7 +97,7 @@ class FakeLLMEngine:
         if 0 in ids:
             raise ValueError("token id 0 is not in the vocabulary")  # how a rejected prompt looks
         self.added.append(request_id)
-        self.requests[request_id] = {"prompt": ids, "n": params.n, "done": {}, "seed": params.seed}
+        self.requests[request_id] = {"prompt": ids, "n": params.n, "done": {}, "seed": params.seed, "params": params}
         for i in range(params.n):
             length = params.max_tokens
             if not params.ignore_eos and self.eos_mean:
@@ -212,6 +214,7 @@ def make_engine(
     longest_first: bool = False,
     eos_mean: float | None = None,
     max_num_seqs: int = 256,
+    **sampling: Any,
 ):
     from hpcrollout.engines.vllm_engine import VllmEngine
 
@@ -220,7 +223,7 @@ def make_engine(
             "backend": "vllm",
             "model": {"path": "/nonexistent"},
             "engine": {"kv_budget": kv_budget, "longest_first": longest_first},
-            "sampling": {"n": n, "max_tokens": max_tokens, "ignore_eos": ignore_eos, "seed": 3},
+            "sampling": {"n": n, "max_tokens": max_tokens, "ignore_eos": ignore_eos, "seed": 3, **sampling},
         }
     )
     fake = FakeLLMEngine(capacity, max_num_seqs=max_num_seqs, eos_mean=eos_mean)
@@ -400,3 +403,23 @@ def test_no_more_samples_in_flight_than_vllm_runs(fake_vllm):
     engine, fake = make_engine(1.0, capacity=10**6, n=4, max_tokens=32, max_num_seqs=16)
     got = list(engine.generate(requests([32] * 40)))
     assert len(got) == 40 and fake.peak_running <= 16 and not any(len(fake.waiting) for _ in [0])
+
+
+# ------------------------------------------------------------------------------------------ sampling.kwargs
+def test_sampling_kwargs_reach_every_request_as_they_are(fake_vllm):
+    extra = {"min_tokens": 3, "bad_words": ["foo"], "logit_bias": {5: -2.0}, "truncate_prompt_tokens": 64}
+    engine, fake = make_engine(1.0, capacity=100_000, max_tokens=16, kwargs=extra)
+    got = list(engine.generate(requests([16, 8, 16])))
+    assert sorted(r.row for r in got) == [0, 1, 2] and len(fake.requests) == 3
+    for req in fake.requests.values():
+        params = req["params"]
+        assert {k: params.extra[k] for k in extra} == extra
+        assert params.extra["temperature"] == 1.0 and params.output_kind == "final"  # the listed keys still set
+    assert sorted(req["params"].max_tokens for req in fake.requests.values()) == [8, 16, 16]  # per-prompt budgets
+
+
+def test_vllm_rejecting_sampling_kwargs_names_the_key_before_the_engine_starts(fake_vllm):
+    from hpcrollout.errors import HpcRolloutError
+
+    with pytest.raises(HpcRolloutError, match=r"^sampling.kwargs: vLLM fake rejects these settings: min_tokens must"):
+        make_engine(1.0, capacity=100_000, max_tokens=16, kwargs={"min_tokens": 17})

@@ -71,6 +71,7 @@ class TransformersEngine(Engine):
                 eos.update(source)
         self.eos_ids = eos
         self.stop_ids = set(config.sampling.stop_token_ids)
+        self.extra = SamplingExtras(config.sampling, self.tokenizer, int(self.model.config.vocab_size))
         # transformers 5.2x renamed past_key_values to cache; older releases only know the old name
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.start_s = time.time() - started
@@ -133,6 +134,7 @@ class TransformersEngine(Engine):
                 out = self.model(input_ids=step_input, use_cache=True, logits_to_keep=1, **{self._cache_arg: past})
                 past = getattr(out, self._cache_arg)
                 logits = out.logits[:, -1, :].float().cpu()
+                logits = self.extra.constrain(logits, generated, self.eos_ids | self.stop_ids)
                 raw_logprobs = torch.log_softmax(logits, dim=-1) if sp.logprobs else None
                 tokens = self._choose(self._process(logits, counts, seen), gens)
                 for i, tok in enumerate(tokens):
@@ -147,11 +149,12 @@ class TransformersEngine(Engine):
                         finish[i] = "stop"
                     elif tok in self.stop_ids:
                         finish[i], stop_reason[i] = "stop", str(tok)
-                    elif sp.stop:
+                    elif sp.stop and len(generated[i]) > self.extra.min_tokens:  # vLLM: not within min_tokens
                         text = self._decode(generated[i])
                         hit = min(((text.find(s), s) for s in sp.stop if s in text), default=None)
                         if hit is not None:
-                            finish[i], stop_reason[i], texts[i] = "stop", hit[1], text[: hit[0]]
+                            end = hit[0] + len(hit[1]) * self.extra.include_stop_str
+                            finish[i], stop_reason[i], texts[i] = "stop", hit[1], text[:end]
                 if all(f is not None for f in finish):
                     break
                 step_input = torch.tensor(
@@ -215,3 +218,80 @@ class TransformersEngine(Engine):
             return logits.argmax(dim=-1).tolist()
         probs = torch.softmax(logits, dim=-1)
         return [int(torch.multinomial(probs[i], 1, generator=g)) for i, g in enumerate(gens)]
+
+
+class SamplingExtras:
+    """The ``sampling.kwargs`` this backend implements (config.TRANSFORMERS_SAMPLING_KWARGS), with vLLM's meaning.
+
+    Applied to the raw logits before penalties and temperature, as vLLM's sampler applies its logits
+    processors: ``allowed_token_ids`` keeps only those tokens, ``logit_bias`` adds to a token's logit (clamped
+    to [-100, 100] as vLLM does), ``min_tokens`` bans EOS and the stop tokens (and defers stop strings) until
+    that many tokens are out, ``bad_words`` bans the last token of each word's token sequence (with and
+    without a leading space) whenever the output so far ends with the rest of it. Any other key is refused
+    here, at load time.
+    """
+
+    def __init__(self, sp: Any, tokenizer: Any, vocab_size: int) -> None:
+        from hpcrollout.config import TRANSFORMERS_SAMPLING_KWARGS
+
+        kw = dict(sp.kwargs)
+        for key in kw:
+            if key not in TRANSFORMERS_SAMPLING_KWARGS:
+                raise HpcRolloutError(
+                    f"sampling.kwargs.{key}: the transformers backend does not support it (it takes "
+                    f"{', '.join(TRANSFORMERS_SAMPLING_KWARGS)}); the vLLM backend has it (backend: vllm)"
+                )
+        self.min_tokens = _int_key(kw.get("min_tokens", 0) or 0, "min_tokens", 0, sp.max_tokens)
+        self.include_stop_str = bool(kw.get("include_stop_str_in_output", False))
+        bias = kw.get("logit_bias") or {}
+        if not isinstance(bias, dict):
+            raise HpcRolloutError(f"sampling.kwargs.logit_bias: expected a mapping token id -> bias, got {bias!r}")
+        self.bias = {
+            _int_key(t, "logit_bias", 0, vocab_size - 1): min(100.0, max(-100.0, float(b))) for t, b in bias.items()
+        }
+        allowed = kw.get("allowed_token_ids")
+        if allowed is not None and (not isinstance(allowed, list) or not allowed):
+            raise HpcRolloutError(f"sampling.kwargs.allowed_token_ids: expected a non-empty list, got {allowed!r}")
+        self.allowed = [_int_key(t, "allowed_token_ids", 0, vocab_size - 1) for t in allowed or []]
+        self.bad_words: list[list[int]] = []
+        for word in kw.get("bad_words") or []:
+            if not isinstance(word, str) or not word.strip():
+                raise HpcRolloutError(f"sampling.kwargs.bad_words: expected non-empty strings, got {word!r}")
+            plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            self.bad_words.append(plain)
+            if spaced[0] != plain[0] and len(spaced) == len(plain):  # the same rule as vLLM's update_from_tokenizer
+                self.bad_words.append(spaced)
+        self.active = bool(self.min_tokens or self.bias or self.allowed or self.bad_words)
+
+    def constrain(self, logits: Any, generated: list[list[int]], stop_ids: set[int]) -> Any:
+        """The logits of each of the n samples, with the constraints applied (``generated``: tokens so far)."""
+        if not self.active:
+            return logits
+        import torch
+
+        if self.allowed:
+            keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            keep[self.allowed] = True
+            logits = logits.masked_fill(~keep, float("-inf"))
+        for token, bias in self.bias.items():
+            logits[:, token] += bias
+        for i, tokens in enumerate(generated):
+            if len(tokens) < self.min_tokens and stop_ids:
+                logits[i, sorted(t for t in stop_ids if t < logits.shape[-1])] = float("-inf")
+            for word in self.bad_words:
+                prefix = len(word) - 1
+                if prefix == 0 or (len(tokens) >= prefix and tokens[len(tokens) - prefix :] == word[:-1]):
+                    logits[i, word[-1]] = float("-inf")
+        return logits
+
+
+def _int_key(value: Any, key: str, low: int, high: int) -> int:
+    """An integer in [low, high] from sampling.kwargs.KEY (YAML may give a token id as a string)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not low <= number <= high:
+        raise HpcRolloutError(f"sampling.kwargs.{key}: expected an integer in [{low}, {high}], got {value!r}")
+    return number

@@ -82,7 +82,14 @@ def llm_kwargs(config: Any) -> dict[str, Any]:
 
 
 def sampling_kwargs(config: Any) -> dict[str, Any]:
-    """``vllm.SamplingParams`` fields from ``sampling.*`` (seed and output kind are set per request)."""
+    """``vllm.SamplingParams`` fields from ``sampling.*`` and ``sampling.kwargs`` (seed and output kind are set
+    per request)."""
+    sp = config.sampling
+    return {**listed_sampling_kwargs(config), **sp.kwargs}
+
+
+def listed_sampling_kwargs(config: Any) -> dict[str, Any]:
+    """The ``vllm.SamplingParams`` fields hpcrollout lists as ``sampling.*`` keys."""
     sp = config.sampling
     return {
         "n": sp.n,
@@ -272,10 +279,14 @@ class VllmEngine(Engine):
         config.require("model.path")
         # FINAL_ONLY: one output per prompt, once all its n samples are done (what LLM.generate asks for too).
         self.base_sampling = dict(sampling_kwargs(config), output_kind=RequestOutputKind.FINAL_ONLY)
-        try:  # vLLM's own validation, before a minute of engine start, with the config's names in the message
-            SamplingParams(**self.base_sampling)
-        except (ValueError, TypeError) as exc:
-            raise HpcRolloutError(f"sampling: vLLM rejects these settings: {exc}") from None
+        # vLLM's own validation, before a minute of engine start, with the config's names in the message: the
+        # listed keys first, so an error of sampling.kwargs is told apart from one of sampling.*.
+        listed = dict(listed_sampling_kwargs(config), output_kind=RequestOutputKind.FINAL_ONLY)
+        for key, fields in (("sampling", listed), ("sampling.kwargs", self.base_sampling)):
+            try:
+                SamplingParams(**fields)
+            except (ValueError, TypeError) as exc:
+                raise HpcRolloutError(f"{key}: vLLM {vllm.__version__} rejects these settings: {exc}") from None
         self.kwargs = llm_kwargs(config)
         self.cache: dict[str, Any] = {}
         started = time.monotonic()
