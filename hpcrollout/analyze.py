@@ -6,6 +6,8 @@ lengths of 1,048,576 and more, which fall into 1%-wide logarithmic buckets (a pe
 within 1%). Percentiles use the nearest-rank rule (numpy's ``method="inverted_cdf"``). Duplicates and
 diversity are per prompt: a duplicate is a response identical to an earlier response of the same prompt.
 In a flattened file a prompt is a run of consecutive rows with the same uid, as flatten writes them.
+With structured outputs, the share of responses valid for their constraint (the ``schema_valid`` flags that
+are set; see hpcrollout/structured.py).
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class Analysis:
         self.duplicates = 0
         self.diversity: Counter[tuple[int, int]] = Counter()  # (distinct, n) -> prompts
         self.has_groups = True
+        self.schema_checked: int | None = None  # responses with a schema_valid flag (None: no such column)
+        self.schema_valid = 0
         self._pending: pa.Table | None = None  # flattened input: the last uid group, continued in the next batch
 
     # ---- per response ----
@@ -77,6 +81,11 @@ class Analysis:
                 hit = pc.max(tokens.filter(pc.equal(finish, "length").fill_null(False))).as_py()
                 if hit is not None:
                     self.length_finished_max_tokens = max(hit, self.length_finished_max_tokens or 0)
+
+    def _schema_valid(self, flags: pa.Array) -> None:
+        """Structured outputs: how many responses were checked against their constraint, and passed."""
+        self.schema_checked = (self.schema_checked or 0) + len(flags) - flags.null_count
+        self.schema_valid += int(pc.sum(flags).as_py() or 0)
 
     # ---- per prompt ----
     def _prompts(
@@ -134,6 +143,8 @@ class Analysis:
         tokens = pc.list_flatten(col("response_tokens")) if "response_tokens" in names else None
         finish = pc.list_flatten(col("finish_reasons")) if "finish_reasons" in names else None
         self._responses(resp, tokens, finish)
+        if "schema_valid" in names:
+            self._schema_valid(pc.list_flatten(col("schema_valid")))
         parent = _np(pc.list_parent_indices(resp_list)).astype(np.int64)
         self._prompts(
             parent,
@@ -156,6 +167,8 @@ class Analysis:
                 kept.column("response_tokens") if "response_tokens" in names else None,
                 kept.column("finish_reason") if "finish_reason" in names else None,
             )
+            if "schema_valid" in names:
+                self._schema_valid(kept.column("schema_valid"))
             if "uid" not in names:
                 self.has_groups = False
                 if "error" in names:
@@ -226,6 +239,10 @@ class Analysis:
             "max_tokens_from": max_tokens_from or None,
             "hit_max_tokens": self.finish.get("length", 0),
             "hit_max_tokens_frac": fraction(self.finish.get("length", 0), r),
+            # structured outputs: responses checked against their constraint (null flags: none, or a grammar)
+            "schema_checked": self.schema_checked,
+            "schema_valid": self.schema_valid if self.schema_checked is not None else None,
+            "schema_valid_frac": fraction(self.schema_valid, self.schema_checked or 0),
             "empty_responses": self.empty,
             "empty_frac": fraction(self.empty, r),
             "duplicate_responses": self.duplicates,
@@ -348,12 +365,12 @@ def analyze(
         except Exception as exc:  # noqa: BLE001 - the report is still useful without the cap
             log.warning("could not read sampling.max_tokens from %s: %s", source.run_dir.config_path, exc)
     if source.is_flattened:
-        cols = ["uid", "response", "response_tokens", "finish_reason", "prompt_tokens", "error"]
+        cols = ["uid", "response", "response_tokens", "finish_reason", "prompt_tokens", "error", "schema_valid"]
         for batch in source.batches(cols):
             analysis.add_flattened(batch)
         analysis.add_flattened(None)
     else:
-        cols = ["uid", "responses", "response_tokens", "finish_reasons", "prompt_tokens", "error"]
+        cols = ["uid", "responses", "response_tokens", "finish_reasons", "prompt_tokens", "error", "schema_valid"]
         for batch in source.batches(cols):
             analysis.add_merged(batch)
     report = analysis.result(max_tokens, how)
@@ -406,6 +423,11 @@ def format_report(r: dict[str, Any]) -> str:
     add(f"  finish reasons      {fin or '(none)'}")
     cap = f"max_tokens {r['max_tokens']:,} ({r['max_tokens_from']})" if r["max_tokens"] else "max_tokens unknown"
     add(f"  hit max_tokens      {r['hit_max_tokens']:,} ({fmt_pct(r['hit_max_tokens_frac'])}; finish 'length'; {cap})")
+    if r.get("schema_checked") is not None:
+        add(
+            f"  schema valid        {r['schema_valid']:,} of {r['schema_checked']:,} checked "
+            f"({fmt_pct(r['schema_valid_frac'])}; structured outputs, see schema_valid)"
+        )
     add(f"  empty responses     {r['empty_responses']:,} ({fmt_pct(r['empty_frac'])}; empty or whitespace only)")
     add(
         f"  duplicate responses {r['duplicate_responses']:,} ({fmt_pct(r['duplicate_frac'])}; same text as an earlier "

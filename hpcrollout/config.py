@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hpcrollout.errors import HpcRolloutError
+from hpcrollout.structured import parse_constraint
 
 
 class _Section(BaseModel):
@@ -33,6 +34,13 @@ class DataConfig(_Section):
     )
     max_prompt_chars: int = Field(
         1_000_000, gt=0, description="Longer prompts become error records instead of being sent."
+    )
+    structured_outputs_column: str | None = Field(
+        None,
+        description=(
+            "vLLM backend: column with each row's structured-output constraint (a JSON schema, or a mapping as "
+            "sampling.structured_outputs, as JSON text or a struct); a null cell takes sampling.structured_outputs."
+        ),
     )
 
 
@@ -98,7 +106,6 @@ class EngineConfig(_Section):
 MANAGED_SAMPLING_FIELDS = {
     "output_kind": "hpcrollout takes one output per prompt, once all its samples are done",
     "flat_logprobs": "hpcrollout chooses the logprobs format (see sampling.logprobs)",
-    "structured_outputs": "use sampling.structured_outputs (or data.structured_outputs_column)",
 }
 # The sampling.kwargs the transformers backend implements (engines/transformers_engine.py); vLLM takes any.
 TRANSFORMERS_SAMPLING_KWARGS = (
@@ -137,6 +144,19 @@ class SamplingConfig(_Section):
             "engine starts. The transformers backend takes only TRANSFORMERS_SAMPLING_KWARGS and refuses the rest."
         ),
     )
+
+    structured_outputs: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "vLLM backend: constrain every response, {json: SCHEMA} | {regex: ...} | {choice: [...]} | "
+            "{grammar: ...} (see hpcrollout/structured.py); each response is checked after generation (schema_valid)."
+        ),
+    )
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _structured_outputs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if v is None else parse_constraint(v)
 
     @field_validator("kwargs")
     @classmethod
@@ -236,6 +256,10 @@ class RunConfig(_Section):
             )
         return self
 
+    def uses_structured_outputs(self) -> bool:
+        """Whether responses are constrained (and so checked: the schema_valid column)."""
+        return self.sampling.structured_outputs is not None or self.data.structured_outputs_column is not None
+
     def require(self, *dotted: str) -> None:
         """Raise a clear error if any of these dotted keys is unset."""
         missing = [key for key in dotted if get_dotted(self, key) in (None, "")]
@@ -255,7 +279,11 @@ class RunConfig(_Section):
         parts = {
             "model": d["model"],
             "sampling": sampling,
-            "data": {k: d["data"][k] for k in ("prompt_column", "id_column", "max_tokens_column", "max_prompt_chars")},
+            "data": {
+                k: d["data"][k]
+                for k in ("prompt_column", "id_column", "max_tokens_column", "max_prompt_chars", *_LATER_DATA_KEYS)
+                if k not in _LATER_DATA_KEYS or d["data"][k] is not None
+            },
             "backend": d["backend"],
             "engine": sample_engine_settings(d["engine"]),
         }
@@ -263,7 +291,8 @@ class RunConfig(_Section):
 
 
 # sampling keys newer than the fingerprint; hashed only when set (see generation_fingerprint).
-_LATER_SAMPLING_KEYS = ("kwargs",)
+_LATER_SAMPLING_KEYS = ("kwargs", "structured_outputs")
+_LATER_DATA_KEYS = ("structured_outputs_column",)
 # Engine keys that change what is sampled (numerics, weights, context): fingerprinted like sampling.*. The other
 # engine keys (parallelism, memory, batch sizes, kv_budget, device, ...) are resources and may change on resume.
 SAMPLE_ENGINE_KEYS = ("dtype", "quantization", "max_model_len", "kv_cache_dtype", "load_format")

@@ -1,8 +1,8 @@
 """Keep responses by length, finish reason and error status, on merged or flattened files, streaming.
 
 Merged input: responses are filtered within each row and every per-sample list column (response_tokens,
-finish_reasons, stop_reasons, sample_seeds, token_ids, logprobs, cumulative_logprobs) is filtered the same way, so
-the lists stay aligned; rows are kept (possibly with fewer responses) unless --drop_errors / --drop_empty_rows.
+finish_reasons, stop_reasons, sample_seeds, token_ids, logprobs, cumulative_logprobs, schema_valid) is filtered
+the same way, so the lists stay aligned; rows are kept (possibly with fewer responses) unless --drop_errors / --drop_empty_rows.
 Flattened input: rows are kept or dropped. Length and finish-reason filters apply to responses only: error
 records (no response) are kept unless --drop_errors, so failures never vanish silently.
 """

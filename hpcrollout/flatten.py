@@ -1,8 +1,8 @@
 """Flatten a merged output to one row per response, streaming batch by batch.
 
 Each response becomes a row: the prompt's input columns, uid, sample_index, response, response_tokens,
-finish_reason, stop_reason, sample_seed, prompt_tokens, error (+ token_ids, logprobs, cumulative_logprob when
-present). A row with no responses (an error record) becomes one row with null sample_index and response and its
+finish_reason, stop_reason, sample_seed, prompt_tokens, error (+ token_ids, logprobs, cumulative_logprob,
+schema_valid when present). A row with no responses (an error record) becomes one row with null sample_index and response and its
 error kept, so failures are never dropped silently.
 """
 
@@ -61,7 +61,7 @@ def flattened_schema(merged: pa.Schema) -> pa.Schema:
     for name in ("prompt_tokens", "error"):
         if name in merged.names:
             fields.append(merged.field(name))
-    for name in ("token_ids", "logprobs", "cumulative_logprobs"):
+    for name in ("token_ids", "logprobs", "cumulative_logprobs", "schema_valid"):
         if name in merged.names:
             fields.append(pa.field(SAMPLE_COLUMNS[name], _scalar_type(merged.field(name).type)))
     return pa.schema(fields)

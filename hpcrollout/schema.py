@@ -13,19 +13,26 @@ and, when asked for (sampling.logprobs / sampling.return_token_ids):
   token_ids            list<list<int32>>
   logprobs             list<list<float32>>   logprob of each chosen token
   cumulative_logprobs  list<float64>
+and, with structured outputs (sampling.structured_outputs / data.structured_outputs_column):
+  schema_valid         list<bool>            each response checked against its constraint (structured.py);
+                                             null where the row has none or it cannot be checked (grammar)
 
 Flattened output (one row per response) = input columns + uid, sample_index, response, response_tokens
 (int32), finish_reason, stop_reason, sample_seed, prompt_tokens, error [+ token_ids, logprobs,
-cumulative_logprob].
+cumulative_logprob, schema_valid].
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from hpcrollout.engines.base import PromptResult
+
+if TYPE_CHECKING:
+    from hpcrollout.config import RunConfig
 
 # Internal columns of shard files, parts and shard outputs. They carry a prefix no dataset uses, so every input
 # column (a `row` or `id` of the user's own included) comes back from merge unchanged; an input column with the
@@ -49,6 +56,7 @@ OPTIONAL_FIELDS = {
     "token_ids": pa.field("token_ids", pa.list_(pa.list_(pa.int32()))),
     "logprobs": pa.field("logprobs", pa.list_(pa.list_(pa.float32()))),
     "cumulative_logprobs": pa.field("cumulative_logprobs", pa.list_(pa.float64())),
+    "schema_valid": pa.field("schema_valid", pa.list_(pa.bool_())),
 }
 # Every finish reason an engine records (engines/base.py): what `filter --finish_reason` accepts.
 FINISH_REASONS = ("stop", "length", "abort")
@@ -57,13 +65,21 @@ RESULT_COLUMNS = tuple(f.name for f in RESULT_FIELDS) + tuple(OPTIONAL_FIELDS)
 PART_ROW = ROW
 
 
-def result_schema(logprobs: bool = False, token_ids: bool = False) -> pa.Schema:
+def result_schema(logprobs: bool = False, token_ids: bool = False, schema_valid: bool = False) -> pa.Schema:
     fields = [pa.field(PART_ROW, pa.int64()), *RESULT_FIELDS]
     if token_ids:
         fields.append(OPTIONAL_FIELDS["token_ids"])
     if logprobs:
         fields += [OPTIONAL_FIELDS["logprobs"], OPTIONAL_FIELDS["cumulative_logprobs"]]
+    if schema_valid:
+        fields.append(OPTIONAL_FIELDS["schema_valid"])
     return pa.schema(fields)
+
+
+def run_result_schema(config: RunConfig) -> pa.Schema:
+    """The result schema of a run: the optional columns its config asks for."""
+    sp = config.sampling
+    return result_schema(sp.logprobs, sp.return_token_ids, config.uses_structured_outputs())
 
 
 def results_to_table(results: Sequence[PromptResult], schema: pa.Schema) -> pa.Table:
@@ -86,4 +102,6 @@ def results_to_table(results: Sequence[PromptResult], schema: pa.Schema) -> pa.T
         if "logprobs" in cols:
             cols["logprobs"].append([x.logprobs or [] for x in s])
             cols["cumulative_logprobs"].append([x.cumulative_logprob for x in s])
+        if "schema_valid" in cols:
+            cols["schema_valid"].append([x.schema_valid for x in s])
     return pa.table(cols, schema=schema)

@@ -127,6 +127,11 @@ def check_columns(path: Path, schema: pa.Schema, config: RunConfig) -> None:
         raise HpcRolloutError(f"input {path} has no max_tokens column {budget!r} (data.max_tokens_column); columns: {', '.join(names)}")
     if budget and not pa.types.is_integer(schema.field(budget).type):
         raise HpcRolloutError(f"input {path}: column {budget!r} (data.max_tokens_column) must hold integers, not {schema.field(budget).type}")
+    schemas = config.data.structured_outputs_column
+    if schemas and schemas not in names:
+        raise HpcRolloutError(
+            f"input {path} has no column {schemas!r} (data.structured_outputs_column); columns: {', '.join(names)}"
+        )
     if config.data.id_column and config.data.id_column not in names:
         raise HpcRolloutError(
             f"input {path} has no id column {config.data.id_column!r} (data.id_column); columns: {', '.join(names)}"

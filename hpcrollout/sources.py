@@ -40,6 +40,7 @@ SAMPLE_COLUMNS = {
     "token_ids": "token_ids",
     "logprobs": "logprobs",
     "cumulative_logprobs": "cumulative_logprob",
+    "schema_valid": "schema_valid",
 }
 
 # Aim for batches of about this many (Parquet-encoded, uncompressed) bytes; long rows get fewer rows per batch.
@@ -191,6 +192,7 @@ RESULT_TYPES: dict[str, dict[str, tuple[Any, str]]] = {
         "token_ids": (_list_of(_list_of(pa.types.is_integer)), "list<list<int32>>"),
         "logprobs": (_list_of(_list_of(_is_num)), "list<list<float32>>"),
         "cumulative_logprobs": (_list_of(_is_num), "list<float64>"),
+        "schema_valid": (_list_of(pa.types.is_boolean), "list<bool>"),
     },
     FLATTENED: {
         "response": (_is_str, "string"),
@@ -199,6 +201,7 @@ RESULT_TYPES: dict[str, dict[str, tuple[Any, str]]] = {
         "stop_reason": (_is_str, "string"),
         "sample_seed": (pa.types.is_integer, "int64"),
         "sample_index": (pa.types.is_integer, "int32"),
+        "schema_valid": (pa.types.is_boolean, "bool"),
         "prompt_tokens": (pa.types.is_integer, "int32"),
         "error": (_is_str, "string"),
     },

@@ -35,7 +35,8 @@ from hpcrollout.engines import Engine, PromptRequest, PromptResult, create_engin
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.prompts import BadPrompt, normalize_prompt
 from hpcrollout.rundir import RunDir, atomic_path, fsync_dir, static_task, write_json_atomic
-from hpcrollout.schema import PART_ROW, ROW, UID, result_schema, results_to_table
+from hpcrollout.schema import PART_ROW, ROW, UID, results_to_table, run_result_schema
+from hpcrollout.structured import constraint_of_cell
 
 log = logging.getLogger("hpcrollout")
 
@@ -131,7 +132,7 @@ class ShardRun:
 
     def __init__(self, rundir: RunDir, shard: int, config: RunConfig, engine: Engine) -> None:
         self.rundir, self.shard, self.config, self.engine = rundir, shard, config, engine
-        self.schema = result_schema(logprobs=config.sampling.logprobs, token_ids=config.sampling.return_token_ids)
+        self.schema = run_result_schema(config)
         self.pending: list[PromptResult] = []
         self.inflight: list[PromptResult] = []
         self.attempt = uuid.uuid4().hex[:8]
@@ -208,10 +209,12 @@ class ShardRun:
         pf = pq.ParquetFile(self.rundir.shard_input(self.shard))
         seed = self.config.sampling.seed
         columns = [data.prompt_column, ROW, UID] + ([data.max_tokens_column] if data.max_tokens_column else [])
-        for batch in pf.iter_batches(batch_size=1024, columns=columns):
+        schemas_column = data.structured_outputs_column
+        for batch in pf.iter_batches(batch_size=1024, columns=columns + ([schemas_column] if schemas_column else [])):
             cells, rows, uids = (batch.column(i).to_pylist() for i in range(3))
             budgets = batch.column(3).to_pylist() if data.max_tokens_column else [None] * len(rows)
-            for cell, row, uid, budget in zip(cells, rows, uids, budgets):
+            schemas = batch.column(schemas_column).to_pylist() if schemas_column else [None] * len(rows)
+            for cell, row, uid, budget, schema in zip(cells, rows, uids, budgets, schemas):
                 if row in skip:
                     continue
                 request = PromptRequest(uid=uid, row=row, messages=None, text=None, seed=prompt_seed(seed, uid))
@@ -223,7 +226,20 @@ class ShardRun:
                 if budget is not None and (not isinstance(budget, int) or budget < 1):
                     self.add(PromptResult.failed(request, f"{data.max_tokens_column} must be a positive integer, got {budget!r}"))
                     continue
-                yield PromptRequest(uid=uid, row=row, messages=messages, text=text, seed=request.seed, max_tokens=budget)
+                try:
+                    constraint = constraint_of_cell(schema)  # None: the run's sampling.structured_outputs
+                except ValueError as exc:
+                    self.add(PromptResult.failed(request, f"{schemas_column} (data.structured_outputs_column): {exc}"))
+                    continue
+                yield PromptRequest(
+                    uid=uid,
+                    row=row,
+                    messages=messages,
+                    text=text,
+                    seed=request.seed,
+                    max_tokens=budget,
+                    structured_outputs=constraint,
+                )
 
     def add(self, result: PromptResult) -> None:
         self.pending.append(result)
@@ -439,7 +455,7 @@ class TaskRunner:
         self._finish_async(run.shard, run)
 
     def _finish_async(self, shard: int, run: ShardRun | None) -> None:
-        schema = result_schema(logprobs=self.config.sampling.logprobs, token_ids=self.config.sampling.return_token_ids)
+        schema = run_result_schema(self.config)
         attempt = run.summary() if run else {"engine": self.engine.describe(), "recovered": True}
 
         def job() -> dict[str, Any]:

@@ -74,8 +74,11 @@ def test_include_stop_str_in_output(tmp_path, tiny_model):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"truncate_prompt_tokens": 8}, r"sampling.kwargs.truncate_prompt_tokens: the transformers backend does not "
-                                        r"support it .*the vLLM backend has it \(backend: vllm\)"),
+        (
+            {"truncate_prompt_tokens": 8},
+            r"sampling.kwargs.truncate_prompt_tokens: the transformers backend does not "
+            r"support it .*the vLLM backend has it \(backend: vllm\)",
+        ),
         ({"logit_bias": {99999: 1.0}}, r"sampling.kwargs.logit_bias: expected an integer in \[0, \d+\], got 99999"),
         ({"min_tokens": 50}, r"sampling.kwargs.min_tokens: expected an integer in \[0, 8\], got 50"),
         ({"bad_words": [""]}, r"sampling.kwargs.bad_words: expected non-empty strings"),
@@ -88,9 +91,11 @@ def test_unsupported_or_bad_kwargs_are_refused_at_load(tmp_path, tiny_model, kwa
 
 @pytest.mark.parametrize(
     ("key", "message"),
-    [("temperature", "temperature has its own key: set sampling.temperature instead"),
-     ("output_kind", "output_kind cannot be set here"),
-     ("structured_outputs", "use sampling.structured_outputs")],
+    [
+        ("temperature", "temperature has its own key: set sampling.temperature instead"),
+        ("output_kind", "output_kind cannot be set here"),
+        ("structured_outputs", "set sampling.structured_outputs instead"),
+    ],
 )
 def test_kwargs_may_not_shadow_what_hpcrollout_sets(key, message):
     with pytest.raises(HpcRolloutError, match=f"sampling.kwargs: .*{message}"):
@@ -100,14 +105,16 @@ def test_kwargs_may_not_shadow_what_hpcrollout_sets(key, message):
 def test_kwargs_are_fingerprinted_but_unset_leaves_the_old_fingerprint(tmp_path, tiny_model):
     inp = write_input(tmp_path / "in.parquet", make_prompts(3))
     prepare_run(make_config(tmp_path, tiny_model, inp, sampling={"kwargs": {"min_tokens": 2}}))
-    with pytest.raises(HpcRolloutError, match=r"sampling settings[\s\S]*sampling.kwargs: \{'min_tokens': 2\} -> \{'min_tokens': 3\}"):
+    with pytest.raises(
+        HpcRolloutError, match=r"sampling settings[\s\S]*sampling.kwargs: \{'min_tokens': 2\} -> \{'min_tokens': 3\}"
+    ):
         prepare_run(make_config(tmp_path, tiny_model, inp, sampling={"kwargs": {"min_tokens": 3}}))
     with pytest.raises(HpcRolloutError, match="sampling settings"):
         prepare_run(make_config(tmp_path, tiny_model, inp))
-    # a run directory from before sampling.kwargs existed (its hash has no such key) still resumes
+    # a run directory from before these keys existed (its hash has none of them) still resumes
     config = build_config({"sampling": {"temperature": 0.5}})
     old = config.model_dump(mode="json")["sampling"]
-    del old["kwargs"]
+    del old["kwargs"], old["structured_outputs"]
     from hpcrollout.config import _digest
 
     assert config.generation_fingerprint()["sampling"] == _digest(old)

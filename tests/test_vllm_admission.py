@@ -15,6 +15,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 
 from hpcrollout.config import build_config
@@ -38,6 +39,23 @@ class FakeSamplingParams:
         self.extra = kw
         if kw.get("min_tokens", 0) > self.max_tokens:  # one of vLLM's own checks, as vLLM words it
             raise ValueError(f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {kw['min_tokens']}.")
+
+
+@dataclass
+class FakeStructuredOutputsParams:
+    """vllm.sampling_params.StructuredOutputsParams: its fields, and its check that one constraint is given."""
+
+    json: Any = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        if sum(x is not None for x in (self.json, self.regex, self.choice, self.grammar)) != 1:
+            raise ValueError("You can only use one kind of structured outputs constraint")
 
 
 @dataclass
@@ -189,13 +207,22 @@ class FakeLLM:
 
 
 @pytest.fixture
-def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Put a module named vllm on the path with what VllmEngine imports from it."""
+def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> list[FakeLLMEngine]:
+    """Put a module named vllm on the path with what VllmEngine imports from it; vllm.LLM starts a stand-in
+    engine (those started are in the returned list)."""
+    started: list[FakeLLMEngine] = []
+
+    def start_llm(**kwargs: Any) -> FakeLLM:
+        started.append(FakeLLMEngine(100_000))
+        return FakeLLM(started[-1])
+
     vllm = types.ModuleType("vllm")
     vllm.__version__ = "fake"
     vllm.SamplingParams = FakeSamplingParams
+    vllm.LLM = start_llm
     sampling = types.ModuleType("vllm.sampling_params")
     sampling.RequestOutputKind = types.SimpleNamespace(FINAL_ONLY="final")
+    sampling.StructuredOutputsParams = FakeStructuredOutputsParams
     inputs = types.ModuleType("vllm.inputs")
     inputs.tokens_input = lambda ids: {"prompt_token_ids": ids}
     for name, module in {"vllm": vllm, "vllm.sampling_params": sampling, "vllm.inputs": inputs}.items():
@@ -203,6 +230,7 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
     # The projection is rebuilt on every change of progress here, so the outcomes do not depend on the
     # machine's speed (the backend rebuilds it at most every 0.1 s of the client's time).
     monkeypatch.setattr("hpcrollout.engines.admission._REBUILD_S", 0.0)
+    return started
 
 
 def make_engine(
@@ -423,3 +451,67 @@ def test_vllm_rejecting_sampling_kwargs_names_the_key_before_the_engine_starts(f
 
     with pytest.raises(HpcRolloutError, match=r"^sampling.kwargs: vLLM fake rejects these settings: min_tokens must"):
         make_engine(1.0, capacity=100_000, max_tokens=16, kwargs={"min_tokens": 17})
+
+
+# ------------------------------------------------------------------------------------------ structured outputs
+def test_the_run_constraint_reaches_every_request_and_responses_are_checked(fake_vllm):
+    for constraint, valid in (({"regex": "x+"}, True), ({"choice": ["y", "yy"]}, False)):
+        engine, fake = make_engine(1.0, capacity=100_000, n=2, max_tokens=8, structured_outputs=constraint)
+        got = list(engine.generate(requests([8, 4, 8])))
+        assert all(r.error is None and [s.schema_valid for s in r.samples] == [valid] * 2 for r in got)
+        expected = FakeStructuredOutputsParams(**constraint)
+        assert [req["params"].extra["structured_outputs"] for req in fake.requests.values()] == [expected] * 3
+
+
+def test_vllm_rejecting_the_run_constraint_names_the_key(fake_vllm, monkeypatch):
+    import hpcrollout.structured
+    from hpcrollout.errors import HpcRolloutError
+
+    def strict(**kw: Any) -> FakeStructuredOutputsParams:
+        raise ValueError("grammar is not valid EBNF")
+
+    monkeypatch.setattr(sys.modules["vllm.sampling_params"], "StructuredOutputsParams", strict)
+    with pytest.raises(HpcRolloutError, match=r"^sampling.structured_outputs: vLLM fake rejects these settings: grammar"):
+        make_engine(1.0, capacity=100_000, structured_outputs={"grammar": "root ::= nonsense"})
+    assert hpcrollout.structured.CONSTRAINT_KEYS == ("json", "regex", "choice", "grammar")
+
+
+def test_per_row_constraints_end_to_end_through_the_worker_merge_and_analyze(fake_vllm, tmp_path, tiny_model):
+    """data.structured_outputs_column with the vLLM backend (stand-in engine): each row's constraint reaches its
+    request, a null cell takes the run's, a bad cell is an error row naming the column; merged schema_valid."""
+    from hpcrollout.analyze import analyze
+    from hpcrollout.merge import merge_run
+    from hpcrollout.shard import prepare_run
+    from hpcrollout.worker import run_task
+    from tests.conftest import make_config, make_prompts, write_input
+
+    cells = ['{"regex": "x{4}"}', None, '{"choice": ["x"]}', "not json", '{"type": "string"}', '{"regex": "x{5}"}']
+    rows = [dict(row, schema=cell) for row, cell in zip(make_prompts(6), cells, strict=True)]
+    inp = write_input(tmp_path / "in.parquet", rows)
+    config = make_config(
+        tmp_path,
+        tiny_model,
+        inp,
+        backend="vllm",
+        data={"input": str(inp), "structured_outputs_column": "schema"},
+        engine={"compile_cache": str(tmp_path / "cache")},
+        sampling={"n": 2, "max_tokens": 4, "structured_outputs": {"regex": "x+"}},
+    )
+    rundir = prepare_run(config)
+    run_task(rundir.root, 0)
+    (fake,) = fake_vllm
+    sent = {int(rid.split("-")[0]): req["params"].extra["structured_outputs"] for rid, req in fake.requests.items()}
+    assert sent == {
+        0: FakeStructuredOutputsParams(regex="x{4}"),
+        1: FakeStructuredOutputsParams(regex="x+"),  # null cell: the run's constraint
+        2: FakeStructuredOutputsParams(choice=["x"]),
+        4: FakeStructuredOutputsParams(json={"type": "string"}),
+        5: FakeStructuredOutputsParams(regex="x{5}"),
+    }
+    merge_run(rundir.root, tmp_path / "m.parquet")
+    merged = pq.read_table(tmp_path / "m.parquet").to_pylist()
+    assert [r["responses"] for r in merged if r["error"] is None] == [["xxxx"] * 2] * 5  # the stand-in's text
+    assert [r["schema_valid"] for r in merged] == [[True] * 2, [True] * 2, [False] * 2, [], [False] * 2, [False] * 2]
+    assert merged[3]["error"].startswith("schema (data.structured_outputs_column): not JSON")
+    report = analyze(tmp_path / "m.parquet")
+    assert (report["schema_checked"], report["schema_valid"], report["schema_valid_frac"]) == (10, 4, 0.4)

@@ -37,6 +37,8 @@ class PromptRequest:
     text: str | None  # raw prompt, used as is (no chat template); exactly one of messages/text is set
     seed: int  # base seed: sample i uses seed + i
     max_tokens: int | None = None  # this prompt's budget (data.max_tokens_column); None: sampling.max_tokens
+    # this row's structured-output constraint (hpcrollout/structured.py); None: sampling.structured_outputs
+    structured_outputs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Sample:
     token_ids: list[int] | None = None
     logprobs: list[float] | None = None  # logprob of each chosen token
     cumulative_logprob: float | None = None
+    schema_valid: bool | None = None  # the response satisfies its prompt's structured-output constraint
 
 
 @dataclass

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from hpcrollout.config import get_dotted
 from hpcrollout.engines import tensor_parallel_size
 from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
 from hpcrollout.errors import HpcRolloutError
@@ -32,6 +33,12 @@ class TransformersEngine(Engine):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         started = time.time()
+        for key in ("sampling.structured_outputs", "data.structured_outputs_column"):
+            if get_dotted(config, key) is not None:
+                raise HpcRolloutError(
+                    f"{key}: the transformers backend does not constrain decoding; the vLLM backend has "
+                    "structured outputs (backend: vllm)"
+                )
         self.torch = torch
         mc, ec = config.model, config.engine
         device = ec.device

@@ -42,6 +42,7 @@ from hpcrollout.engines import tensor_parallel_size
 from hpcrollout.engines.admission import Admission
 from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
 from hpcrollout.errors import HpcRolloutError
+from hpcrollout.structured import is_valid
 
 log = logging.getLogger("hpcrollout")
 
@@ -282,9 +283,22 @@ class VllmEngine(Engine):
         # vLLM's own validation, before a minute of engine start, with the config's names in the message: the
         # listed keys first, so an error of sampling.kwargs is told apart from one of sampling.*.
         listed = dict(listed_sampling_kwargs(config), output_kind=RequestOutputKind.FINAL_ONLY)
-        for key, fields in (("sampling", listed), ("sampling.kwargs", self.base_sampling)):
+        checks = [("sampling", lambda: listed), ("sampling.kwargs", lambda: self.base_sampling)]
+        self._StructuredOutputsParams: Any = None
+        if config.uses_structured_outputs():
+            from vllm.sampling_params import StructuredOutputsParams
+
+            self._StructuredOutputsParams = StructuredOutputsParams
+            if (constraint := config.sampling.structured_outputs) is not None:
+                checks.append(
+                    (
+                        "sampling.structured_outputs",
+                        lambda: {**self.base_sampling, "structured_outputs": StructuredOutputsParams(**constraint)},
+                    )
+                )
+        for key, fields in checks:
             try:
-                SamplingParams(**fields)
+                SamplingParams(**fields())
             except (ValueError, TypeError) as exc:
                 raise HpcRolloutError(f"{key}: vLLM {vllm.__version__} rejects these settings: {exc}") from None
         self.kwargs = llm_kwargs(config)
@@ -371,7 +385,13 @@ class VllmEngine(Engine):
         fields = dict(self.base_sampling, seed=request.seed)
         if request.max_tokens is not None:  # data.max_tokens_column: this prompt's own budget
             fields["max_tokens"] = request.max_tokens
+        if (constraint := self._constraint(request)) is not None:
+            fields["structured_outputs"] = self._StructuredOutputsParams(**constraint)
         return self._SamplingParams(**fields)
+
+    def _constraint(self, request: PromptRequest) -> dict[str, Any] | None:
+        """The row's structured-output constraint, else the run's (see hpcrollout/structured.py)."""
+        return request.structured_outputs or self.config.sampling.structured_outputs
 
     def _read_ahead(self, batch: list[PromptRequest], pool: Admission, failed: list[PromptResult]) -> None:
         """Render and tokenize a batch into the lookahead pool; what cannot be submitted becomes an error row."""
@@ -512,6 +532,7 @@ class VllmEngine(Engine):
 
     def _result(self, request: PromptRequest, output: Any) -> PromptResult:
         sp = self.config.sampling
+        constraint = self._constraint(request)
         samples = []
         for o in sorted(output.outputs, key=lambda o: o.index):
             token_ids = list(o.token_ids)
@@ -525,6 +546,7 @@ class VllmEngine(Engine):
                     token_ids=token_ids if sp.return_token_ids else None,
                     logprobs=chosen_logprobs(o.logprobs, token_ids) if sp.logprobs else None,
                     cumulative_logprob=o.cumulative_logprob if sp.logprobs else None,
+                    schema_valid=is_valid(constraint, o.text),
                 )
             )
         return PromptResult(

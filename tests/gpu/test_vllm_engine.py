@@ -190,3 +190,39 @@ def test_describe_reports_parallelism_and_start_time(shared_llm):
     assert info["engine_start_s"] > 0
     assert info["max_model_len"] == 512 and info["max_num_seqs"] == 64
     assert info["tokenized_prompts"] >= 0
+
+
+def test_sampling_kwargs_reach_vllm(engine_for):
+    """sampling.kwargs passed as is: with EOS all but forced by logit_bias, min_tokens holds it off for 5 tokens."""
+    eos = engine_for().renderer.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    over = {"ignore_eos": False, "max_tokens": 12, "kwargs": {"logit_bias": {eos: 100.0}}}
+    forced = by_row(engine_for({"sampling": over}).generate([chat_request(0)]))[0]
+    assert [(s.num_tokens, s.finish_reason) for s in forced.samples] == [(1, "stop")] * 4
+    over["kwargs"]["min_tokens"] = 5
+    held = by_row(engine_for({"sampling": over}).generate([chat_request(0)]))[0]
+    assert [(s.num_tokens, s.finish_reason) for s in held.samples] == [(6, "stop")] * 4
+
+
+def test_structured_outputs_constrain_and_flag_each_response(engine_for):
+    """The run's choice constraint, and a row's own regex and JSON schema, decoded under vLLM's structured outputs."""
+    engine = engine_for(
+        {"sampling": {"ignore_eos": False, "max_tokens": 48, "structured_outputs": {"choice": ["alpha", "beta"]}}}
+    )
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    requests = [
+        chat_request(0),
+        dataclasses.replace(chat_request(1), structured_outputs={"regex": "[0-9]{3}"}),
+        dataclasses.replace(chat_request(2), structured_outputs={"json": schema}),
+    ]
+    results = by_row(engine.generate(requests))
+    assert all(r.error is None for r in results.values())
+    assert all(s.text in ("alpha", "beta") and s.schema_valid is True for s in results[0].samples)
+    assert all(len(s.text) == 3 and s.text.isdigit() and s.schema_valid is True for s in results[1].samples)
+    # a JSON object may be cut by max_tokens: then it is flagged, not dropped
+    for s in results[2].samples:
+        assert s.schema_valid is (s.finish_reason == "stop"), s.text
