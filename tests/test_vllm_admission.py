@@ -446,6 +446,16 @@ def test_sampling_kwargs_reach_every_request_as_they_are(fake_vllm):
     assert sorted(req["params"].max_tokens for req in fake.requests.values()) == [8, 16, 16]  # per-prompt budgets
 
 
+def test_logit_bias_token_ids_reach_vllm_as_integers_after_the_run_config_round_trip():
+    from hpcrollout.config import load_config
+    from hpcrollout.engines.vllm_engine import sampling_kwargs
+
+    config = build_config({"sampling": {"kwargs": {"logit_bias": {5: -2.0, 7: 1.0}}}})
+    assert config.model_dump(mode="json")["sampling"]["kwargs"]["logit_bias"] == {"5": -2.0, "7": 1.0}
+    reread = load_config(base={k: v for k, v in config.model_dump(mode="json").items() if k != "run_dir"})
+    assert sampling_kwargs(reread)["logit_bias"] == {5: -2.0, 7: 1.0}
+
+
 def test_vllm_rejecting_sampling_kwargs_names_the_key_before_the_engine_starts(fake_vllm):
     from hpcrollout.errors import HpcRolloutError
 

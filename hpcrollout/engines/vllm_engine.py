@@ -86,7 +86,13 @@ def sampling_kwargs(config: Any) -> dict[str, Any]:
     """``vllm.SamplingParams`` fields from ``sampling.*`` and ``sampling.kwargs`` (seed and output kind are set
     per request)."""
     sp = config.sampling
-    return {**listed_sampling_kwargs(config), **sp.kwargs}
+    extra = dict(sp.kwargs)
+    bias = extra.get("logit_bias")
+    if isinstance(bias, dict):
+        # The run directory's config is JSON-typed, so token ids come back as strings; the SamplingParams
+        # constructor (unlike its from_optional) does not convert them.
+        extra["logit_bias"] = {int(t) if str(t).lstrip("-").isdigit() else t: b for t, b in bias.items()}
+    return {**listed_sampling_kwargs(config), **extra}
 
 
 def listed_sampling_kwargs(config: Any) -> dict[str, Any]:
