@@ -35,6 +35,10 @@ class DataConfig(_Section):
     max_prompt_chars: int = Field(
         1_000_000, gt=0, description="Longer prompts become error records instead of being sent."
     )
+    lora_column: str | None = Field(
+        None,
+        description="Column with each row's LoRA adapter directory; a null cell takes model.lora (or the base model).",
+    )
     structured_outputs_column: str | None = Field(
         None,
         description=(
@@ -52,6 +56,13 @@ class ModelConfig(_Section):
     chat_template: str | None = Field(None, description="A Jinja chat template file overriding the tokenizer's.")
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="e.g. {enable_thinking: false}.")
     trust_remote_code: bool = False
+    lora: str | None = Field(
+        None,
+        description=(
+            "A LoRA adapter directory (PEFT format) applied to every prompt; data.lora_column sets one per row. "
+            "vLLM: enable_lora and max_lora_rank are set from the adapters found; transformers: loaded with peft."
+        ),
+    )
 
 
 class EngineConfig(_Section):
@@ -277,7 +288,7 @@ class RunConfig(_Section):
         # Keys added after runs were started enter the hash only when set, so those runs still resume.
         sampling = {k: v for k, v in d["sampling"].items() if not (k in _LATER_SAMPLING_KEYS and not v)}
         parts = {
-            "model": d["model"],
+            "model": {k: v for k, v in d["model"].items() if not (k in _LATER_MODEL_KEYS and v is None)},
             "sampling": sampling,
             "data": {
                 k: d["data"][k]
@@ -292,7 +303,8 @@ class RunConfig(_Section):
 
 # sampling keys newer than the fingerprint; hashed only when set (see generation_fingerprint).
 _LATER_SAMPLING_KEYS = ("kwargs", "structured_outputs")
-_LATER_DATA_KEYS = ("structured_outputs_column",)
+_LATER_DATA_KEYS = ("structured_outputs_column", "lora_column")
+_LATER_MODEL_KEYS = ("lora",)
 # Engine keys that change what is sampled (numerics, weights, context): fingerprinted like sampling.*. The other
 # engine keys (parallelism, memory, batch sizes, kv_budget, device, ...) are resources and may change on resume.
 SAMPLE_ENGINE_KEYS = ("dtype", "quantization", "max_model_len", "kv_cache_dtype", "load_format")
@@ -430,6 +442,7 @@ PATH_KEYS = (
     ("model", "path"),
     ("model", "tokenizer"),
     ("model", "chat_template"),
+    ("model", "lora"),
     (None, "run_dir"),
 )
 

@@ -58,7 +58,7 @@ def flattened_schema(merged: pa.Schema) -> pa.Schema:
     for name in ("responses", "response_tokens", "finish_reasons", "stop_reasons", "sample_seeds"):
         if name in merged.names:
             fields.append(pa.field(SAMPLE_COLUMNS[name], _scalar_type(merged.field(name).type)))
-    for name in ("prompt_tokens", "error"):
+    for name in ("prompt_tokens", "error", "lora_adapter"):
         if name in merged.names:
             fields.append(merged.field(name))
     for name in ("token_ids", "logprobs", "cumulative_logprobs", "schema_valid"):

@@ -16,10 +16,12 @@ and, when asked for (sampling.logprobs / sampling.return_token_ids):
 and, with structured outputs (sampling.structured_outputs / data.structured_outputs_column):
   schema_valid         list<bool>            each response checked against its constraint (structured.py);
                                              null where the row has none or it cannot be checked (grammar)
+and, with LoRA adapters (model.lora / data.lora_column):
+  lora_adapter         string                the adapter directory the row was sampled with (null: base model)
 
 Flattened output (one row per response) = input columns + uid, sample_index, response, response_tokens
 (int32), finish_reason, stop_reason, sample_seed, prompt_tokens, error [+ token_ids, logprobs,
-cumulative_logprob, schema_valid].
+cumulative_logprob, schema_valid, lora_adapter].
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ OPTIONAL_FIELDS = {
     "logprobs": pa.field("logprobs", pa.list_(pa.list_(pa.float32()))),
     "cumulative_logprobs": pa.field("cumulative_logprobs", pa.list_(pa.float64())),
     "schema_valid": pa.field("schema_valid", pa.list_(pa.bool_())),
+    "lora_adapter": pa.field("lora_adapter", pa.string()),
 }
 # Every finish reason an engine records (engines/base.py): what `filter --finish_reason` accepts.
 FINISH_REASONS = ("stop", "length", "abort")
@@ -65,7 +68,9 @@ RESULT_COLUMNS = tuple(f.name for f in RESULT_FIELDS) + tuple(OPTIONAL_FIELDS)
 PART_ROW = ROW
 
 
-def result_schema(logprobs: bool = False, token_ids: bool = False, schema_valid: bool = False) -> pa.Schema:
+def result_schema(
+    logprobs: bool = False, token_ids: bool = False, schema_valid: bool = False, lora: bool = False
+) -> pa.Schema:
     fields = [pa.field(PART_ROW, pa.int64()), *RESULT_FIELDS]
     if token_ids:
         fields.append(OPTIONAL_FIELDS["token_ids"])
@@ -73,13 +78,16 @@ def result_schema(logprobs: bool = False, token_ids: bool = False, schema_valid:
         fields += [OPTIONAL_FIELDS["logprobs"], OPTIONAL_FIELDS["cumulative_logprobs"]]
     if schema_valid:
         fields.append(OPTIONAL_FIELDS["schema_valid"])
+    if lora:
+        fields.append(OPTIONAL_FIELDS["lora_adapter"])
     return pa.schema(fields)
 
 
 def run_result_schema(config: RunConfig) -> pa.Schema:
     """The result schema of a run: the optional columns its config asks for."""
     sp = config.sampling
-    return result_schema(sp.logprobs, sp.return_token_ids, config.uses_structured_outputs())
+    lora = config.model.lora is not None or config.data.lora_column is not None
+    return result_schema(sp.logprobs, sp.return_token_ids, config.uses_structured_outputs(), lora)
 
 
 def results_to_table(results: Sequence[PromptResult], schema: pa.Schema) -> pa.Table:
@@ -104,4 +112,6 @@ def results_to_table(results: Sequence[PromptResult], schema: pa.Schema) -> pa.T
             cols["cumulative_logprobs"].append([x.cumulative_logprob for x in s])
         if "schema_valid" in cols:
             cols["schema_valid"].append([x.schema_valid for x in s])
+        if "lora_adapter" in cols:
+            cols["lora_adapter"].append(r.lora)
     return pa.table(cols, schema=schema)

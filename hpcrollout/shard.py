@@ -127,10 +127,15 @@ def check_columns(path: Path, schema: pa.Schema, config: RunConfig) -> None:
         raise HpcRolloutError(f"input {path} has no max_tokens column {budget!r} (data.max_tokens_column); columns: {', '.join(names)}")
     if budget and not pa.types.is_integer(schema.field(budget).type):
         raise HpcRolloutError(f"input {path}: column {budget!r} (data.max_tokens_column) must hold integers, not {schema.field(budget).type}")
-    schemas = config.data.structured_outputs_column
-    if schemas and schemas not in names:
+    for key in ("structured_outputs_column", "lora_column"):
+        column = getattr(config.data, key)
+        if column and column not in names:
+            raise HpcRolloutError(f"input {path} has no column {column!r} (data.{key}); columns: {', '.join(names)}")
+    lora = config.data.lora_column
+    if lora and not (pa.types.is_string(schema.field(lora).type) or pa.types.is_large_string(schema.field(lora).type)):
         raise HpcRolloutError(
-            f"input {path} has no column {schemas!r} (data.structured_outputs_column); columns: {', '.join(names)}"
+            f"input {path}: column {lora!r} (data.lora_column) must hold adapter paths (strings), "
+            f"not {schema.field(lora).type}"
         )
     if config.data.id_column and config.data.id_column not in names:
         raise HpcRolloutError(

@@ -193,6 +193,7 @@ RESULT_TYPES: dict[str, dict[str, tuple[Any, str]]] = {
         "logprobs": (_list_of(_list_of(_is_num)), "list<list<float32>>"),
         "cumulative_logprobs": (_list_of(_is_num), "list<float64>"),
         "schema_valid": (_list_of(pa.types.is_boolean), "list<bool>"),
+        "lora_adapter": (_is_str, "string"),
     },
     FLATTENED: {
         "response": (_is_str, "string"),
@@ -202,6 +203,7 @@ RESULT_TYPES: dict[str, dict[str, tuple[Any, str]]] = {
         "sample_seed": (pa.types.is_integer, "int64"),
         "sample_index": (pa.types.is_integer, "int32"),
         "schema_valid": (pa.types.is_boolean, "bool"),
+        "lora_adapter": (_is_str, "string"),
         "prompt_tokens": (pa.types.is_integer, "int32"),
         "error": (_is_str, "string"),
     },

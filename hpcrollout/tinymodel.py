@@ -2,6 +2,7 @@
 
 ``build_tiny_model(dir)`` writes a random-weight Qwen3-architecture model (a few hundred KB) with a
 byte-level BPE tokenizer and a ChatML chat template, loadable by transformers and vLLM alike.
+``build_tiny_adapter(model_dir, dir)`` writes a random LoRA adapter for it (PEFT format; needs peft).
 ``build_model_shape(dir, "qwen3-4b")`` writes only config.json + tokenizer of a real model shape, for
 vLLM's ``load_format="dummy"`` (random weights, real compute) in throughput benchmarks.
 
@@ -167,6 +168,21 @@ def build_tiny_model(out_dir: str | Path, shape: str = "tiny", vocab_size: int =
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(str(out))
     return out
+
+
+def build_tiny_adapter(model_dir: str | Path, out_dir: str | Path, rank: int = 4, seed: int = 0) -> Path:
+    """A random LoRA adapter (PEFT format) for a model built here: attention q/v projections, nonzero B, so it
+    changes what the model samples. Needs peft."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, lora)
+    model.save_pretrained(str(out_dir))
+    return Path(out_dir)
 
 
 def ensure_tiny_model(out_dir: str | Path, **kwargs: Any) -> Path:

@@ -209,15 +209,20 @@ class ShardRun:
         pf = pq.ParquetFile(self.rundir.shard_input(self.shard))
         seed = self.config.sampling.seed
         columns = [data.prompt_column, ROW, UID] + ([data.max_tokens_column] if data.max_tokens_column else [])
-        schemas_column = data.structured_outputs_column
-        for batch in pf.iter_batches(batch_size=1024, columns=columns + ([schemas_column] if schemas_column else [])):
+        schemas_column, lora_column = data.structured_outputs_column, data.lora_column
+        extra = [c for c in (schemas_column, lora_column) if c]
+        for batch in pf.iter_batches(batch_size=1024, columns=columns + extra):
             cells, rows, uids = (batch.column(i).to_pylist() for i in range(3))
             budgets = batch.column(3).to_pylist() if data.max_tokens_column else [None] * len(rows)
             schemas = batch.column(schemas_column).to_pylist() if schemas_column else [None] * len(rows)
-            for cell, row, uid, budget, schema in zip(cells, rows, uids, budgets, schemas):
+            adapters = batch.column(lora_column).to_pylist() if lora_column else [None] * len(rows)
+            for cell, row, uid, budget, schema, adapter in zip(cells, rows, uids, budgets, schemas, adapters):
                 if row in skip:
                     continue
-                request = PromptRequest(uid=uid, row=row, messages=None, text=None, seed=prompt_seed(seed, uid))
+                lora = adapter or self.config.model.lora  # a null cell: the run's adapter (or the base model)
+                request = PromptRequest(
+                    uid=uid, row=row, messages=None, text=None, seed=prompt_seed(seed, uid), lora=lora
+                )
                 try:
                     messages, text = normalize_prompt(cell, data.max_prompt_chars)
                 except BadPrompt as exc:
@@ -239,6 +244,7 @@ class ShardRun:
                     seed=request.seed,
                     max_tokens=budget,
                     structured_outputs=constraint,
+                    lora=lora,
                 )
 
     def add(self, result: PromptResult) -> None:

@@ -13,6 +13,7 @@ import random
 import sys
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -56,6 +57,15 @@ class FakeStructuredOutputsParams:
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.json, self.regex, self.choice, self.grammar)) != 1:
             raise ValueError("You can only use one kind of structured outputs constraint")
+
+
+@dataclass
+class FakeLoRARequest:
+    """vllm.lora.request.LoRARequest: name, id (> 0) and path."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str = ""
 
 
 @dataclass
@@ -110,12 +120,14 @@ class FakeLLMEngine:
         self.added: list[str] = []
         self.aborted: list[str] = []
 
-    def add_request(self, request_id: str, prompt: dict[str, Any], params: FakeSamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt: dict[str, Any], params: FakeSamplingParams, lora_request: Any = None
+    ) -> None:
         ids = prompt["prompt_token_ids"]
         if 0 in ids:
             raise ValueError("token id 0 is not in the vocabulary")  # how a rejected prompt looks
         self.added.append(request_id)
-        self.requests[request_id] = {"prompt": ids, "n": params.n, "done": {}, "seed": params.seed, "params": params}
+        self.requests[request_id] = {"prompt": ids, "n": params.n, "done": {}, "seed": params.seed, "params": params, "lora": lora_request}
         for i in range(params.n):
             length = params.max_tokens
             if not params.ignore_eos and self.eos_mean:
@@ -214,6 +226,7 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> list[FakeLLMEngine]:
 
     def start_llm(**kwargs: Any) -> FakeLLM:
         started.append(FakeLLMEngine(100_000))
+        started[-1].llm_kwargs = kwargs
         return FakeLLM(started[-1])
 
     vllm = types.ModuleType("vllm")
@@ -225,7 +238,10 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> list[FakeLLMEngine]:
     sampling.StructuredOutputsParams = FakeStructuredOutputsParams
     inputs = types.ModuleType("vllm.inputs")
     inputs.tokens_input = lambda ids: {"prompt_token_ids": ids}
-    for name, module in {"vllm": vllm, "vllm.sampling_params": sampling, "vllm.inputs": inputs}.items():
+    lora = types.ModuleType("vllm.lora.request")
+    lora.LoRARequest = FakeLoRARequest
+    modules = {"vllm": vllm, "vllm.sampling_params": sampling, "vllm.inputs": inputs, "vllm.lora.request": lora}
+    for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     # The projection is rebuilt on every change of progress here, so the outcomes do not depend on the
     # machine's speed (the backend rebuilds it at most every 0.1 s of the client's time).
@@ -525,3 +541,70 @@ def test_per_row_constraints_end_to_end_through_the_worker_merge_and_analyze(fak
     assert merged[3]["error"].startswith("schema (data.structured_outputs_column): not JSON")
     report = analyze(tmp_path / "m.parquet")
     assert (report["schema_checked"], report["schema_valid"], report["schema_valid_frac"]) == (10, 4, 0.4)
+
+
+# ------------------------------------------------------------------------------------------ LoRA adapters
+def test_lora_adapters_per_row_end_to_end_through_the_worker(fake_vllm, tmp_path, tiny_model):
+    """data.lora_column with the vLLM backend (stand-in engine): vLLM starts with enable_lora and the rank that
+    holds every adapter found, each row's adapter reaches add_request (one id per adapter), an unreadable one
+    is an error row naming it, and the adapter is recorded per row."""
+    import json
+
+    from hpcrollout.merge import merge_run
+    from hpcrollout.shard import prepare_run
+    from hpcrollout.worker import run_task
+    from tests.conftest import make_config, make_prompts, write_input
+
+    a, b, bad = (str(tmp_path / name) for name in ("a", "b", "missing"))
+    for path, rank in ((a, 4), (b, 12)):
+        Path(path).mkdir()
+        (Path(path) / "adapter_config.json").write_text(json.dumps({"r": rank, "peft_type": "LORA"}))
+    cells = [a, None, b, bad, a]
+    inp = write_input(tmp_path / "in.parquet", [dict(r, adapter=c) for r, c in zip(make_prompts(5), cells, strict=True)])
+    config = make_config(
+        tmp_path,
+        tiny_model,
+        inp,
+        backend="vllm",
+        data={"input": str(inp), "lora_column": "adapter"},
+        engine={"compile_cache": str(tmp_path / "cache")},
+        sampling={"n": 2, "max_tokens": 4},
+    )
+    run_task(prepare_run(config).root, 0)
+    (fake,) = fake_vllm
+    assert {k: fake.llm_kwargs[k] for k in ("enable_lora", "max_lora_rank", "max_loras")} == {
+        "enable_lora": True,
+        "max_lora_rank": 16,  # the smallest rank vLLM takes that holds rank 12
+        "max_loras": 2,
+    }
+    sent = {int(rid.split("-")[0]): req["lora"] for rid, req in fake.requests.items()}
+    assert sent == {
+        0: FakeLoRARequest(a, 1, a),
+        1: None,
+        2: FakeLoRARequest(b, 2, b),
+        4: FakeLoRARequest(a, 1, a),
+    }
+    merge_run(tmp_path / "run", tmp_path / "m.parquet")
+    merged = pq.read_table(tmp_path / "m.parquet").to_pylist()
+    assert [r["lora_adapter"] for r in merged] == cells
+    assert merged[3]["error"].startswith(f"LoRA adapter {bad}: cannot read") and merged[3]["responses"] == []
+
+
+def test_a_run_adapter_sets_the_engine_args_and_engine_kwargs_win(fake_vllm, tmp_path):
+    import json
+
+    from hpcrollout.engines.vllm_engine import llm_kwargs
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 64}))
+    config = build_config({"model": {"path": "m", "lora": str(tmp_path)}})
+    assert {k: llm_kwargs(config)[k] for k in ("enable_lora", "max_lora_rank", "max_loras")} == {
+        "enable_lora": True,
+        "max_lora_rank": 64,
+        "max_loras": 1,
+    }
+    config = build_config({"model": {"path": "m", "lora": str(tmp_path)}, "engine": {"kwargs": {"max_loras": 4}}})
+    assert llm_kwargs(config)["max_loras"] == 4
+    from hpcrollout.errors import HpcRolloutError
+
+    with pytest.raises(HpcRolloutError, match=r"^model.lora: LoRA adapter .*cannot read"):
+        llm_kwargs(build_config({"model": {"path": "m", "lora": str(tmp_path / "nope")}}))

@@ -39,6 +39,7 @@ class PromptRequest:
     max_tokens: int | None = None  # this prompt's budget (data.max_tokens_column); None: sampling.max_tokens
     # this row's structured-output constraint (hpcrollout/structured.py); None: sampling.structured_outputs
     structured_outputs: dict[str, Any] | None = None
+    lora: str | None = None  # this prompt's LoRA adapter directory (hpcrollout/lora.py); None: model.lora, if set
 
 
 @dataclass
@@ -65,10 +66,11 @@ class PromptResult:
     samples: list[Sample] = field(default_factory=list)
     prompt_tokens: int = 0
     error: str | None = None  # set: the row failed (prompt too long, bad messages...) and samples is empty
+    lora: str | None = None  # the LoRA adapter the samples were drawn with (None: the base model)
 
     @classmethod
     def failed(cls, request: PromptRequest, reason: str) -> PromptResult:
-        return cls(uid=request.uid, row=request.row, error=reason)
+        return cls(uid=request.uid, row=request.row, error=reason, lora=request.lora)
 
 
 class Engine(abc.ABC):

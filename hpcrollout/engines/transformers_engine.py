@@ -67,6 +67,12 @@ class TransformersEngine(Engine):
         except OSError as exc:
             raise HpcRolloutError(f"model.path: cannot load {mc.path!r}: {exc}") from None
         self.model.to(self.device).eval()
+        self.base_model = self.model
+        self._adapters: dict[str, str | None] = {}  # adapter path -> peft adapter name, or why it cannot be used
+        if mc.lora:
+            reason = self._load_adapter(mc.lora)
+            if reason is not None:
+                raise HpcRolloutError(f"model.lora: {reason}")
         if mc.chat_template:
             self.tokenizer.chat_template = Path(mc.chat_template).read_text()
         self.max_model_len = ec.max_model_len or getattr(self.model.config, "max_position_embeddings", None) or 4096
@@ -80,7 +86,7 @@ class TransformersEngine(Engine):
         self.stop_ids = set(config.sampling.stop_token_ids)
         self.extra = SamplingExtras(config.sampling, self.tokenizer, int(self.model.config.vocab_size))
         # transformers 5.2x renamed past_key_values to cache; older releases only know the old name
-        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.base_model.forward).parameters else "past_key_values"
         self.start_s = time.time() - started
         self._versions = {"transformers": transformers.__version__, "torch": torch.__version__}
 
@@ -94,7 +100,7 @@ class TransformersEngine(Engine):
         }
 
     def close(self) -> None:
-        self.model = None
+        self.model = self.base_model = None
 
     # prompts -> token ids
     def render(self, request: PromptRequest) -> list[int]:
@@ -117,7 +123,60 @@ class TransformersEngine(Engine):
                     request, f"prompt has {len(ids)} tokens, more than max_model_len={self.max_model_len} allows"
                 )
                 continue
-            yield self._sample(request, ids)
+            lora = request.lora or self.config.model.lora
+            reason = self._use_adapter(lora)
+            if reason is not None:
+                yield PromptResult.failed(request, reason)
+                continue
+            result = self._sample(request, ids)
+            result.lora = lora
+            yield result
+
+    # LoRA adapters (hpcrollout/lora.py), loaded with peft on first use; the base model is the adapters disabled
+    def _load_adapter(self, path: str) -> str | None:
+        """Load an adapter once; None, or why it cannot be used (its rows become error records)."""
+        if path in self._adapters:
+            return None if self._adapters[path] is not None else f"LoRA adapter {path}: failed to load before"
+        from hpcrollout.lora import adapter_rank
+
+        try:
+            adapter_rank(path)
+            from peft import PeftModel
+        except ValueError as exc:
+            self._adapters[path] = None
+            return str(exc)
+        except ImportError:
+            raise HpcRolloutError(
+                "model.lora / data.lora_column: the transformers backend needs peft for LoRA adapters "
+                "(pip install peft), or use the vLLM backend (backend: vllm)"
+            ) from None
+        name = f"a{len(self._adapters)}"
+        try:
+            if self.model is self.base_model:
+                self.model = PeftModel.from_pretrained(self.base_model, path, adapter_name=name).to(self.device).eval()
+            else:
+                self.model.load_adapter(path, adapter_name=name)
+                self.model.to(self.device)
+        except Exception as exc:  # a damaged or mismatched adapter fails its rows, not the run
+            self._adapters[path] = None
+            return f"LoRA adapter {path}: cannot load it onto {self.config.model.path}: {type(exc).__name__}: {exc}"
+        self._adapters[path] = name
+        return None
+
+    def _use_adapter(self, path: str | None) -> str | None:
+        """Make ``path`` (None: no adapter) the active one for the next prompt; None, or why it cannot be."""
+        if path is not None:
+            reason = self._load_adapter(path)
+            if reason is not None:
+                return reason
+        if self.model is self.base_model:
+            return None
+        if path is None:
+            self.model.base_model.disable_adapter_layers()
+        else:
+            self.model.base_model.enable_adapter_layers()
+            self.model.set_adapter(self._adapters[path])
+        return None
 
     def _sample(self, request: PromptRequest, prompt_ids: list[int]) -> PromptResult:
         torch = self.torch

@@ -42,6 +42,7 @@ from hpcrollout.engines import tensor_parallel_size
 from hpcrollout.engines.admission import Admission
 from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
 from hpcrollout.errors import HpcRolloutError
+from hpcrollout.lora import adapter_rank, uses_lora, vllm_lora_kwargs
 from hpcrollout.structured import is_valid
 
 log = logging.getLogger("hpcrollout")
@@ -78,6 +79,7 @@ def llm_kwargs(config: Any) -> dict[str, Any]:
     }
     kwargs.update({key: getattr(ec, key) for key in _ENGINE_KEYS})
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs.update(vllm_lora_kwargs(config))  # model.lora / data.lora_column: sized from the adapters found
     kwargs.update(ec.kwargs)  # engine.kwargs wins: any EngineArgs field, passed as is
     return kwargs
 
@@ -308,6 +310,12 @@ class VllmEngine(Engine):
             except (ValueError, TypeError) as exc:
                 raise HpcRolloutError(f"{key}: vLLM {vllm.__version__} rejects these settings: {exc}") from None
         self.kwargs = llm_kwargs(config)
+        self._LoRARequest: Any = None
+        self._adapters: dict[str, Any] = {}  # adapter path -> its LoRARequest, or why it cannot be used
+        if uses_lora(config):
+            from vllm.lora.request import LoRARequest
+
+            self._LoRARequest = LoRARequest
         self.cache: dict[str, Any] = {}
         started = time.monotonic()
         if llm is None:
@@ -426,14 +434,30 @@ class VllmEngine(Engine):
         from vllm.inputs import tokens_input
 
         request_id = f"{request.row}-{next(self._ids)}"
+        adapter = request.lora or self.config.model.lora
+        lora = self._lora_request(adapter) if adapter else None
+        if isinstance(lora, str):
+            return PromptResult.failed(request, lora)
         try:
             # Token ids in vLLM's processed-input form: no string-prompt deprecation, no second tokenization.
-            self.engine.add_request(request_id, tokens_input(ids), self._params(request))
+            self.engine.add_request(request_id, tokens_input(ids), self._params(request), lora_request=lora)
         except Exception as exc:  # vLLM rejected this one prompt (length, vocabulary, parameters)
             return PromptResult.failed(request, f"vLLM rejected the prompt: {type(exc).__name__}: {exc}")
         inflight[request_id] = (request, key)
         self._flight_keys[request_id] = key
         return None
+
+    def _lora_request(self, path: str) -> Any:
+        """The adapter's LoRARequest (one id per adapter for the engine's life), or why it cannot be used."""
+        if path not in self._adapters:
+            try:
+                adapter_rank(path)
+                self._adapters[path] = self._LoRARequest(
+                    lora_name=path, lora_int_id=len(self._adapters) + 1, lora_path=path
+                )
+            except ValueError as exc:
+                self._adapters[path] = str(exc)
+        return self._adapters[path]
 
     def _admission(self) -> Admission:
         sp = self.config.sampling
@@ -556,7 +580,11 @@ class VllmEngine(Engine):
                 )
             )
         return PromptResult(
-            uid=request.uid, row=request.row, samples=samples, prompt_tokens=len(output.prompt_token_ids or ())
+            uid=request.uid,
+            row=request.row,
+            samples=samples,
+            prompt_tokens=len(output.prompt_token_ids or ()),
+            lora=request.lora or self.config.model.lora,
         )
 
 

@@ -226,3 +226,25 @@ def test_structured_outputs_constrain_and_flag_each_response(engine_for):
     # a JSON object may be cut by max_tokens: then it is flagged, not dropped
     for s in results[2].samples:
         assert s.schema_valid is (s.finish_reason == "stop"), s.text
+
+
+def test_lora_adapter_per_request(make_config, gpu_model, tmp_path):
+    """A random PEFT adapter for the small model: vLLM starts with enable_lora, the adapter changes the greedy
+    samples of the rows that name it, and each result records its adapter."""
+    pytest.importorskip("peft")
+    from hpcrollout.engines.vllm_engine import VllmEngine
+    from hpcrollout.tinymodel import build_tiny_adapter
+
+    adapter = str(build_tiny_adapter(gpu_model, tmp_path / "adapter", rank=8, seed=1))
+    greedy = {"n": 1, "temperature": 0.0, "return_token_ids": True}
+    engine = VllmEngine(make_config({"data": {"lora_column": "adapter"}, "sampling": greedy}))
+    try:
+        assert engine.kwargs["enable_lora"] is True
+        same = dataclasses.replace(chat_request(0), row=1, uid="u0000-lora", lora=adapter)  # same prompt
+        requests = [chat_request(0), same]
+        results = by_row(engine.generate(requests))
+    finally:
+        engine.close()
+    assert results[0].error is None and results[1].error is None
+    assert (results[0].lora, results[1].lora) == (None, adapter)
+    assert results[0].samples[0].token_ids != results[1].samples[0].token_ids
