@@ -13,6 +13,7 @@ from hpcrollout.config import build_config
 from hpcrollout.engines.base import PromptRequest
 from hpcrollout.engines.transformers_engine import TransformersEngine
 from hpcrollout.errors import HpcRolloutError
+from hpcrollout.flatten import flatten
 from hpcrollout.merge import merge_run
 from hpcrollout.shard import prepare_run
 from hpcrollout.worker import run_task
@@ -78,7 +79,15 @@ def test_each_row_gets_its_adapter_end_to_end(tmp_path, tiny_model, adapters):
     assert all(r["error"] is None for i, r in enumerate(mixed) if i != 3)
     base = run("base", data={"input": str(inp), "lora_column": "adapter"})  # null cells: the base model
     assert [r["lora_adapter"] for r in base] == [a, None, b, cells[3], a, None]
-    assert base[1]["token_ids"] != mixed[1]["token_ids"]
+    plain = run("plain")  # no adapter anywhere: the rows between adapters ran with the adapters disabled
+    assert (
+        [base[i]["token_ids"] for i in (1, 5)]
+        == [plain[i]["token_ids"] for i in (1, 5)]
+        != [mixed[i]["token_ids"] for i in (1, 5)]
+    )
+    assert "lora_adapter" not in plain[0]
+    flatten(tmp_path / "mixed.parquet", tmp_path / "flat.parquet")
+    assert pq.read_table(tmp_path / "flat.parquet").column("lora_adapter").to_pylist() == [a, b, b, cells[3], a, b]
 
 
 def test_an_unreadable_run_adapter_fails_at_load(tmp_path, tiny_model):
