@@ -8,6 +8,8 @@ RUN_DIR/
   outputs/00000.parquet        a finished shard's results, one row per prompt, sorted by row
   done/00000.json              completion marker, written last (counts, timings)
   heartbeats/00000.json        progress of the shard's current attempt
+  scores/00000.parquet         hpcrollout score: a finished shard's scores (uid, scores, score_details)
+  logs/score/                  hpcrollout score --slurm: the scoring array's submitit logs
   claims/                      dynamic mode: who works on which shard
   logs/                        executor logs (submitit's stdout/stderr per task)
   lock                         held while a submit is in progress
@@ -129,6 +131,14 @@ class RunDir:
 
     def heartbeat(self, shard: int) -> Path:
         return self.root / "heartbeats" / f"{shard_name(shard)}.json"
+
+    def shard_scores(self, shard: int) -> Path:
+        """hpcrollout score's output for one finished shard, written atomically (its existence = scored)."""
+        return self.root / "scores" / f"{shard_name(shard)}.parquet"
+
+    @property
+    def score_logs_dir(self) -> Path:
+        return self.logs_dir / "score"
 
     # state
     def exists(self) -> bool:
