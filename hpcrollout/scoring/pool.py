@@ -40,7 +40,8 @@ RowTask = tuple[list[Any], Any, Any]
 # Skipped items of a chunk: ("resp", flat response index) or ("ref", row index) -> the outcome to record.
 Skips = dict[tuple[str, int], Outcome]
 
-IDLE = -1e18
+IDLE = -1e18  # progress start time of a worker between chunks
+NOT_STARTED = -1e9  # progress index of a chunk handed over but not begun
 START_TIMEOUT_S = 300.0  # spawning + importing the verifier (sympy, a user module) on a loaded node
 
 
@@ -223,6 +224,8 @@ class VerifierPool:
             for w in self._workers:
                 if w.task is None and w.ready and queue:
                     w.task = queue.popleft()
+                    self._progress[2 * w.slot] = NOT_STARTED
+                    self._progress[2 * w.slot + 1] = time.monotonic()
                     w.conn.send((w.task, *tasks[w.task]))
             while next_out in results:
                 tasks.pop(next_out)
@@ -258,7 +261,11 @@ class VerifierPool:
                 continue
             if not w.process.is_alive() and not w.conn.poll():
                 self._replace(w, tasks, queue, died=True)
-            elif self.hard_timeout_s and now - self._progress[2 * w.slot + 1] > self.hard_timeout_s:
+            elif (
+                self.hard_timeout_s
+                and (started := self._progress[2 * w.slot + 1]) != IDLE
+                and now - started > self.hard_timeout_s
+            ):
                 self._replace(w, tasks, queue, died=False)
 
     def _replace(
@@ -270,8 +277,8 @@ class VerifierPool:
         w.kill()
         self.killed += 1
         code = w.process.exitcode
-        if started == IDLE:
-            raise RuntimeError(f"scoring worker {w.slot} died outside a response (exit code {code})")
+        if started == IDLE or where == NOT_STARTED:
+            raise RuntimeError(f"scoring worker {w.slot} died or hung outside a response (exit code {code})")
         item = ("resp", where) if where >= 0 else ("ref", -where - 1)
         _, skips = tasks[task_id]
         if item in skips:
