@@ -189,7 +189,7 @@ class ScoreAnalysis:
     def add_flattened(self, batch: pa.RecordBatch | None) -> None:
         """One flattened batch (None: the end, flush the last prompt). Prompts are runs of the same uid."""
         if batch is not None:
-            cols = [c for c in ("uid", "score", "score_detail", self.by) if c and c in batch.schema.names]
+            cols = [c for c in ("uid", "response", "score", "score_detail", self.by) if c and c in batch.schema.names]
             table = pa.Table.from_batches([batch.select(list(dict.fromkeys(cols)))])
             if self._pending is not None:
                 table = pa.concat_tables([self._pending, table])
@@ -218,7 +218,14 @@ class ScoreAnalysis:
         score = table.column("score").combine_chunks()
         detail = table.column("score_detail").combine_chunks() if "score_detail" in table.schema.names else None
         by_values = table.column(self.by).combine_chunks().take(pa.array(first)).to_pylist() if self.by else None
-        self.add_prompts(group.astype(np.int64), len(first), score, detail, by_values)
+        parent = group.astype(np.int64)
+        if "response" in table.schema.names:  # error records (no response) are prompts without responses
+            has = pc.is_valid(table.column("response")).to_numpy(zero_copy_only=False)
+            if not has.all():
+                mask = pa.array(has)
+                parent, score = parent[has], score.filter(mask)
+                detail = detail.filter(mask) if detail is not None else None
+        self.add_prompts(parent, len(first), score, detail, by_values)
 
     def result(self) -> dict[str, Any]:
         out = {"threshold": self.threshold, **self.overall.result()}

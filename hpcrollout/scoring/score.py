@@ -75,8 +75,9 @@ class ScoreReport:
     kind: str = ""
     verifier: str = ""
     reference: str | None = None
-    rows: int = 0
+    rows: int = 0  # scored by this call
     responses: int = 0
+    rows_out: int | None = None  # rows written to the output
     statuses: dict[str, int] = field(default_factory=dict)
     mean_score: float | None = None
     seconds: float = 0.0
@@ -110,12 +111,12 @@ class Settings:
     verifier: str
     reference: str | None = None  # None: auto (REFERENCE_CANDIDATES) for built-ins, none for python verifiers
     timeout_s: float = DEFAULT_TIMEOUT_S
-    workers: int = 0  # 0: default_workers()
+    workers: int | None = None  # None: default_workers(); 0: score in this process
     chunk: int = DEFAULT_CHUNK
 
     def fingerprint(self, reference: str | None) -> dict[str, Any]:
         """What makes two scorings of a shard the same (resources excluded)."""
-        return {"verifier": self.verifier, "reference": reference, "timeout_s": self.timeout_s}
+        return {"verifier": self.verifier, "reference": reference, "timeout_s": float(self.timeout_s)}
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -142,13 +143,13 @@ def _reference_type_ok(t: pa.DataType) -> bool:
 def resolve_reference(schema: pa.Schema, path: Path, name: str | None, required: bool) -> tuple[str | None, list[str]]:
     """The reference's name and its dotted path (column, then struct fields); an error names what is wrong."""
     if name is None:
+        if not required:  # a python verifier reads what it wants from the row
+            return None, []
         for candidate in REFERENCE_CANDIDATES:
             try:
                 return resolve_reference(schema, path, candidate, True)
             except HpcRolloutError:
                 continue
-        if not required:
-            return None, []
         raise HpcRolloutError(
             f"{path} has none of the usual reference columns ({', '.join(REFERENCE_CANDIDATES)}); name it with "
             f"--reference COLUMN (or COLUMN.FIELD for a nested field); its columns are: {', '.join(schema.names)}"
@@ -371,7 +372,7 @@ def _spec(settings: Settings, schema: pa.Schema, path: Path) -> tuple[VerifierSp
 
 
 def _pool(spec: VerifierSpec, settings: Settings) -> VerifierPool:
-    return VerifierPool(spec, settings.workers or default_workers(), settings.timeout_s)
+    return VerifierPool(spec, default_workers() if settings.workers is None else settings.workers, settings.timeout_s)
 
 
 def score_file(
@@ -402,6 +403,7 @@ def score_file(
             for batch, (scores, details) in stream:
                 writer.write_batch(with_scores(batch, schema, dict(zip(names, (scores, details), strict=True))))
             report.workers_killed = pool.killed
+        report.rows_out = report.rows
     finally:
         progress.close()
     report.finish(started)
@@ -564,8 +566,7 @@ def score_run_dir(
                         )
                     new = {SCORES: got.column(SCORES).chunk(0), DETAILS: got.column(DETAILS).chunk(0)}
                     writer.write_batch(with_scores(batch, out_schema, new))
-        if not report.rows:  # every shard reused: count from the assembled file
-            report.rows = expect
+        report.rows_out = expect
     report.finish(started)
     return report
 
@@ -592,7 +593,7 @@ def format_report(r: ScoreReport) -> str:
             + (f", {len(r.shards_not_finished)} not finished" if r.shards_not_finished else "")
         )
     if r.output:
-        lines.append(f"  -> {r.output}")
+        lines.append(f"  -> {r.output}" + (f" ({r.rows_out:,} rows)" if r.rows_out is not None else ""))
     return "\n".join(lines)
 
 
