@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -361,7 +362,8 @@ def _with_rows(spec: VerifierSpec) -> bool:
     return spec.text.startswith("python:")
 
 
-def _spec(settings: Settings, schema: pa.Schema, path: Path) -> tuple[VerifierSpec, list[str]]:
+def build_spec(settings: Settings, schema: pa.Schema, path: Path) -> tuple[VerifierSpec, list[str]]:
+    """The verifier to build in each worker and the reference path, built once here so user errors come first."""
     python = settings.verifier.startswith("python:")
     ref, parts = resolve_reference(schema, path, settings.reference, required=not python)
     spec = VerifierSpec(settings.verifier, ref)
@@ -387,7 +389,7 @@ def score_file(
     source = open_source(input_path, batch_rows)
     out = check_output(source, output)
     flat = source.is_flattened
-    spec, parts = _spec(settings, source.schema, source.path)
+    spec, parts = build_spec(settings, source.schema, source.path)
     schema = output_schema(source.schema, flat)
     report = ScoreReport(
         input=str(source.path), output=str(out), kind=source.kind, verifier=spec.text, reference=spec.reference
@@ -524,7 +526,7 @@ def score_run_dir(
     if not wanted:
         raise HpcRolloutError(f"{rd.root}: no shard is finished yet; nothing to score")
     schema = merged_schema(rd, wanted)
-    spec, parts = _spec(settings, schema, rd.root)
+    spec, parts = build_spec(settings, schema, rd.root)
     fingerprint = settings.fingerprint(spec.reference)
     report = ScoreReport(
         input=str(rd.root),
@@ -635,6 +637,21 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "SLURM array: --shards $SLURM_ARRAY_TASK_ID.",
     )
     parser.add_argument("--rescore", action="store_true", help="Run directory: score again shards already scored.")
+    slurm = parser.add_argument_group("SLURM CPU array (run directory)")
+    slurm.add_argument(
+        "--slurm",
+        action="store_true",
+        help="Submit one array task per finished shard not yet scored (the run's slurm: settings, no GPUs).",
+    )
+    slurm.add_argument(
+        "--slurm_cpus", "--slurm-cpus", type=int, default=None, help="CPUs per task (default: the run's)."
+    )
+    slurm.add_argument(
+        "--slurm_time_min", "--slurm-time-min", type=int, default=60, help="Minutes per task (default: 60)."
+    )
+    slurm.add_argument("--slurm_partition", "--slurm-partition", default=None, help="Partition (default: the run's).")
+    slurm.add_argument("--slurm_mem_gb", "--slurm-mem-gb", type=float, default=None, help="Memory per task in GB.")
+    slurm.add_argument("--wait", action="store_true", help="Wait for the array, then write --output if given.")
     parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
 
 
@@ -652,6 +669,10 @@ def main(args: argparse.Namespace) -> int:
         raise HpcRolloutError("--output is required unless INPUT is a run directory")
     if not is_run and (args.shards is not None or args.rescore):
         raise HpcRolloutError("--shards and --rescore apply to a run directory only")
+    if args.slurm:
+        if not is_run:
+            raise HpcRolloutError("--slurm scores a run directory's shards; INPUT is not a run directory")
+        return _submit(args, settings)
     if is_run:
         if args.shards is not None and args.output is not None:
             raise HpcRolloutError("--shards scores some shards only; run again without --shards to write --output")
@@ -661,6 +682,36 @@ def main(args: argparse.Namespace) -> int:
     else:
         r = score_file(args.input, args.output, settings, args.batch_rows, args.compression)
     print(json.dumps(asdict(r), indent=2) if args.json else format_report(r))
+    return 0
+
+
+def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    from hpcrollout.scoring.slurm import submit_scoring, wait_for
+
+    rd = RunDir(args.input)
+    shards, jobs = submit_scoring(
+        rd.root,
+        settings,
+        cpus=args.slurm_cpus,
+        time_min=args.slurm_time_min,
+        partition=args.slurm_partition,
+        mem_gb=args.slurm_mem_gb,
+        rescore=args.rescore,
+    )
+    if jobs:
+        print(f"submitted scoring array {jobs[0].job_id.split('_')[0]}: {len(jobs)} task(s), shards {shards}")
+    else:
+        print("every finished shard is already scored with these settings; nothing submitted")
+    if not args.wait:
+        if jobs:
+            again = f"hpcrollout score {rd.root} --verifier {args.verifier!r}"
+            print(f"when it is done, assemble with: {again} --output scored.parquet (it reuses the score files)")
+        return 0
+    wait_for(jobs, rd)
+    if args.output is not None:
+        local = dataclasses.replace(settings, workers=0)  # every shard is scored: only assembling is left
+        r = score_run_dir(rd.root, args.output, local, None, False, args.batch_rows, args.compression)
+        print(format_report(r))
     return 0
 
 
