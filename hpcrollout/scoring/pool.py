@@ -45,6 +45,38 @@ NOT_STARTED = -1e9  # progress index of a chunk handed over but not begun
 START_TIMEOUT_S = 300.0  # spawning + importing the verifier (sympy, a user module) on a loaded node
 
 
+class Outcomes:
+    """A chunk's outcomes as four parallel lists: far cheaper to pickle, and to turn into Arrow, than tuples."""
+
+    __slots__ = ("scores", "answers", "statuses", "messages")
+
+    def __init__(self, outcomes: Iterable[Outcome] = ()) -> None:
+        self.scores: list[float | None] = []
+        self.answers: list[str | None] = []
+        self.statuses: list[str] = []
+        self.messages: list[str | None] = []
+        for o in outcomes:
+            self.scores.append(o.score)
+            self.answers.append(o.answer)
+            self.statuses.append(o.status)
+            self.messages.append(o.message)
+
+    def extend(self, other: Outcomes) -> None:
+        self.scores += other.scores
+        self.answers += other.answers
+        self.statuses += other.statuses
+        self.messages += other.messages
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def __getitem__(self, i: int) -> Outcome:
+        return Outcome(self.scores[i], self.answers[i], self.statuses[i], self.messages[i])
+
+    def __iter__(self) -> Iterator[Outcome]:
+        return (self[i] for i in range(len(self)))
+
+
 def default_workers() -> int:
     """The CPUs this process was given: SLURM_CPUS_PER_TASK, else the affinity mask, else os.cpu_count()."""
     value = os.environ.get("SLURM_CPUS_PER_TASK", "")
@@ -101,7 +133,7 @@ def _worker_main(spec: VerifierSpec, conn: Connection, progress: Any, slot: int,
             return
         task_id, rows, skips = msg
         try:
-            result = score_chunk(verifier, rows, timeout_s, skips, mark)
+            result = Outcomes(score_chunk(verifier, rows, timeout_s, skips, mark))
             progress[2 * slot + 1] = IDLE
             conn.send(("done", task_id, result))
         except BaseException:  # noqa: BLE001 - a bug in hpcrollout's own code: the parent re-raises it
@@ -199,16 +231,16 @@ class VerifierPool:
             raise HpcRolloutError(f"a scoring worker could not build the verifier: {payload}")
         w.ready = True
 
-    def imap(self, chunks: Iterable[list[RowTask]]) -> Iterator[list[Outcome]]:
+    def imap(self, chunks: Iterable[list[RowTask]]) -> Iterator[Outcomes]:
         """Score every chunk; yield their outcomes in order, holding at most ``max_in_flight`` chunks."""
         if self._local is not None:
             for rows in chunks:
-                yield score_chunk(self._local, rows, self.timeout_s)
+                yield Outcomes(score_chunk(self._local, rows, self.timeout_s))
             return
         source = iter(chunks)
         exhausted = False
         tasks: dict[int, tuple[list[RowTask], Skips]] = {}
-        results: dict[int, list[Outcome]] = {}
+        results: dict[int, Outcomes] = {}
         queue: deque[int] = deque()  # task ids not yet handed to a worker
         next_id = next_out = 0
         while True:
@@ -241,7 +273,7 @@ class VerifierPool:
             self._check_deadlines(tasks, queue)
 
     def _receive(
-        self, w: _Worker, tasks: dict[int, tuple[list[RowTask], Skips]], results: dict[int, list[Outcome]], queue
+        self, w: _Worker, tasks: dict[int, tuple[list[RowTask], Skips]], results: dict[int, Outcomes], queue
     ) -> None:  # noqa: ANN001 - queue: deque[int]
         try:
             msg = w.conn.recv()

@@ -22,10 +22,11 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,8 +40,8 @@ import pyarrow.parquet as pq
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.rundir import RunDir
 from hpcrollout.schema import INTERNAL_COLUMNS, PART_ROW
-from hpcrollout.scoring.pool import RowTask, VerifierPool, default_workers
-from hpcrollout.scoring.verifiers import STATUSES, Outcome, VerifierSpec
+from hpcrollout.scoring.pool import Outcomes, RowTask, VerifierPool, default_workers
+from hpcrollout.scoring.verifiers import STATUSES, VerifierSpec
 from hpcrollout.sources import (
     DEFAULT_COMPRESSION,
     add_input_args,
@@ -91,12 +92,12 @@ class ScoreReport:
     def __post_init__(self) -> None:
         self._sum, self._n = 0.0, 0  # not fields: left out of the JSON report
 
-    def add(self, outcomes: list[Outcome]) -> None:
-        for o in outcomes:
-            self.statuses[o.status] = self.statuses.get(o.status, 0) + 1
-            if o.score is not None:
-                self._sum += o.score
-                self._n += 1
+    def add(self, outcomes: Outcomes) -> None:
+        for status, count in Counter(outcomes.statuses).items():
+            self.statuses[status] = self.statuses.get(status, 0) + count
+        scored = [x for x in outcomes.scores if x is not None]
+        self._sum += math.fsum(scored)
+        self._n += len(scored)
         self.responses += len(outcomes)
 
     def finish(self, started: float) -> None:
@@ -219,14 +220,14 @@ def _chunks(
         yield tasks
 
 
-def score_arrays(batch: pa.RecordBatch, outcomes: list[Outcome], flat: bool) -> tuple[pa.Array, pa.Array]:
+def score_arrays(batch: pa.RecordBatch, outcomes: Outcomes, flat: bool) -> tuple[pa.Array, pa.Array]:
     """The new columns of one batch from its outcomes (in row, then response order)."""
-    scores = pa.array([o.score for o in outcomes], pa.float64())
+    scores = pa.array(outcomes.scores, pa.float64())
     details = pa.StructArray.from_arrays(
         [
-            pa.array([o.answer for o in outcomes], pa.string()),
-            pa.array([o.status for o in outcomes], pa.string()),
-            pa.array([o.message for o in outcomes], pa.string()),
+            pa.array(outcomes.answers, pa.string()),
+            pa.array(outcomes.statuses, pa.string()),
+            pa.array(outcomes.messages, pa.string()),
         ],
         fields=list(DETAIL_TYPE),
     )
@@ -325,7 +326,7 @@ def scored_batches(
 
     def all_chunks() -> Iterator[list[RowTask]]:
         for batch in batches:
-            entry = [batch, 0, False, []]
+            entry = [batch, 0, False, Outcomes()]
             pending.append(entry)
             for tasks in _chunks(batch, flat, parts, with_rows, chunk):
                 entry[1] += 1
