@@ -264,3 +264,50 @@ def test_cli_errors(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     argv = ["score", str(src), "-o", str(tmp_path / "o.parquet"), "--verifier", "exact", "--workers", "0", "--json"]
     assert cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["statuses"] == {"ok": 5, "no_reference": 1}
+
+
+def test_follow_scores_shards_as_they_finish(finished_run: RunDir, tmp_path: Path) -> None:
+    """--follow beside a run whose shard 2 is not finished yet: shards 0 and 1 get scored, then shard 2 once done."""
+    import threading
+
+    from hpcrollout.scoring.score import follow_run_dir
+
+    rd = finished_run
+    for s in range(3):
+        rd.shard_scores(s).unlink(missing_ok=True)
+    marker = rd.done_marker(2)
+    hidden = tmp_path / "marker.json"
+    marker.rename(hidden)  # shard 2 looks unfinished
+    out = tmp_path / "followed.parquet"
+    result: dict[str, Any] = {}
+    stop = threading.Event()
+
+    def follow() -> None:
+        try:
+            result["report"] = follow_run_dir(
+                rd.root, out, Settings(_user_fn(tmp_path), workers=1), 0.2, should_stop=stop.is_set
+            )
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            result["error"] = exc
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not (rd.shard_scores(0).is_file() and rd.shard_scores(1).is_file()):
+            assert thread.is_alive() and time.monotonic() < deadline, result
+            time.sleep(0.1)
+        assert not rd.shard_scores(2).exists() and not out.exists()
+        hidden.rename(marker)  # shard 2 finishes
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "follow did not return after the last shard finished"
+    finally:
+        if hidden.exists():
+            hidden.rename(marker)
+        stop.set()
+        thread.join(timeout=60)
+    if "error" in result:
+        raise result["error"]
+    r = result["report"]
+    assert sorted(r.shards_scored) == [0, 1, 2] and r.rows_out == 10 and r.responses == 30
+    assert pq.read_table(out).num_rows == 10

@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -574,6 +574,55 @@ def score_run_dir(
     return report
 
 
+def follow_run_dir(
+    run_dir: str | Path,
+    output: str | Path | None,
+    settings: Settings,
+    every_s: float = 30.0,
+    batch_rows: int | None = None,
+    compression: str = DEFAULT_COMPRESSION,
+    should_stop: Callable[[], bool] | None = None,
+) -> ScoreReport:
+    """Score a run's shards as they finish (beside a running generation, on CPUs only) until every shard is
+    finished and scored; then assemble ``output`` if given. ``should_stop()`` true: return what is done so far."""
+    started = time.monotonic()
+    rd = RunDir(run_dir)
+    rd.require()
+    num = rd.num_shards()
+    total = ScoreReport(
+        input=str(rd.root), output=str(output) if output else None, kind="run directory", verifier=settings.verifier
+    )
+    while True:
+        done = [s for s in rd.done_shards() if rd.shard_output(s).exists()]
+        if done:
+            r = score_run_dir(rd.root, None, settings)
+            total.reference = r.reference
+            total.rows += r.rows
+            total.responses += r.responses
+            for k, v in r.statuses.items():
+                total.statuses[k] = total.statuses.get(k, 0) + v
+            total._sum += r._sum
+            total._n += r._n
+            total.workers_killed += r.workers_killed
+            total.shards_scored += r.shards_scored
+            total.shards_not_finished = r.shards_not_finished
+        if len(done) == num:
+            break
+        if should_stop is not None and should_stop():
+            total.finish(started)
+            return total
+        log.info("%d of %d shards finished and scored; checking again in %g s", len(done), num, every_s)
+        deadline = time.monotonic() + every_s
+        while time.monotonic() < deadline and not (should_stop is not None and should_stop()):
+            time.sleep(min(1.0, every_s))
+    total.shards_reused = [s for s in range(num) if s not in total.shards_scored]
+    if output is not None:
+        r = score_run_dir(rd.root, output, settings, batch_rows=batch_rows, compression=compression)
+        total.rows_out = r.rows_out
+    total.finish(started)
+    return total
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -638,6 +687,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "SLURM array: --shards $SLURM_ARRAY_TASK_ID.",
     )
     parser.add_argument("--rescore", action="store_true", help="Run directory: score again shards already scored.")
+    parser.add_argument(
+        "--follow",
+        nargs="?",
+        type=float,
+        const=30.0,
+        default=None,
+        metavar="SECONDS",
+        help="Run directory still generating: score shards as they finish (checking every 30 s, or SECONDS) "
+        "until all are finished and scored, then write --output if given. Needs CPUs only.",
+    )
     slurm = parser.add_argument_group("SLURM CPU array (run directory)")
     slurm.add_argument(
         "--slurm",
@@ -674,6 +733,14 @@ def main(args: argparse.Namespace) -> int:
         if not is_run:
             raise HpcRolloutError("--slurm scores a run directory's shards; INPUT is not a run directory")
         return _submit(args, settings)
+    if args.follow is not None:
+        if not is_run or args.shards is not None or args.rescore:
+            raise HpcRolloutError("--follow applies to a run directory, without --shards or --rescore")
+        if args.follow <= 0:
+            raise HpcRolloutError(f"--follow must be > 0 seconds, got {args.follow}")
+        r = follow_run_dir(args.input, args.output, settings, args.follow, args.batch_rows, args.compression)
+        print(json.dumps(asdict(r), indent=2) if args.json else format_report(r))
+        return 0
     if is_run:
         if args.shards is not None and args.output is not None:
             raise HpcRolloutError("--shards scores some shards only; run again without --shards to write --output")
