@@ -441,7 +441,7 @@ def score_shard(
     settings: Settings,
     pool: VerifierPool,
     report: ScoreReport,
-    batch_rows: int = 4096,
+    batch_rows: int | None = None,
 ) -> None:
     """Write scores/SHARD.parquet (uid, scores, score_details) for one finished shard, atomically."""
     from hpcrollout.merge import iter_shard, merged_schema
@@ -452,12 +452,17 @@ def score_shard(
     progress = Progress(pq.ParquetFile(rd.shard_output(shard)).metadata.num_rows, f"scoring shard {shard:05d}")
     try:
         with parquet_output(rd.shard_scores(shard), schema, "zstd") as writer:
-            batches = iter_shard(rd, shard, merged, batch_rows, None)
+            batches = iter_shard(rd, shard, merged, batch_rows or shard_batch_rows(rd, shard), None)
             stream = scored_batches(batches, pool, False, parts, _with_rows(spec), settings.chunk, report, progress)
             for batch, (scores, details) in stream:
                 writer.write_batch(pa.RecordBatch.from_arrays([batch.column("uid"), scores, details], schema=schema))
     finally:
         progress.close()
+
+
+def shard_batch_rows(rd: RunDir, shard: int) -> int:
+    """Rows per batch for this shard: about 12 MiB of its output per batch, as for files (sources.py)."""
+    return open_source(rd.shard_output(shard)).batch_rows
 
 
 class _Rows:
@@ -544,7 +549,7 @@ def score_run_dir(
     if todo:
         with _pool(spec, settings) as pool:
             for s in todo:
-                score_shard(rd, s, spec, parts, settings, pool, report)
+                score_shard(rd, s, spec, parts, settings, pool, report, batch_rows)
                 report.shards_scored.append(s)
             report.workers_killed = pool.killed
     if output is not None:
@@ -552,10 +557,10 @@ def score_run_dir(
         if out.is_dir():
             raise HpcRolloutError(f"--output {out} is a directory; give a file path")
         out_schema = output_schema(schema, flat=False)
-        rows = batch_rows or 4096
         with parquet_output(out, out_schema, compression) as writer:
             expect = 0
             for s in wanted:
+                rows = batch_rows or shard_batch_rows(rd, s)
                 scores = _Rows(rd.shard_scores(s), rows)
                 for batch in iter_shard(rd, s, schema, rows, expect):
                     expect += batch.num_rows
