@@ -348,11 +348,20 @@ class MathVerifier(Verifier):
             golds.append(parsed)
         return golds
 
+    @staticmethod
+    def _canonical(expr: Any) -> str:
+        """The answer as majority voting counts it: 0.5 and 1/2 are one vote (a float becomes its rational)."""
+        if getattr(expr, "is_Float", False):
+            from sympy import Rational
+
+            return str(Rational(str(expr)).limit_denominator(10**12))
+        return str(expr)
+
     def check(self, response: str, prepared: Any, row: dict[str, Any] | None) -> Outcome:
         parsed = self._parse_one(response)
         if not parsed:
             return Outcome(0.0, None, NO_ANSWER, "no final answer found")
-        answer = _clip(str(parsed[0]), MAX_ANSWER_CHARS)
+        answer = _clip(self._canonical(parsed[0]), MAX_ANSWER_CHARS)
         ok = any(self._verify(gold, parsed, timeout_seconds=None) for gold in prepared)
         return Outcome(1.0 if ok else 0.0, answer, OK, None)
 
