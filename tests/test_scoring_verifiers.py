@@ -206,3 +206,8 @@ def test_default_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_workers() == 3
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
     assert default_workers() >= 1
+
+
+def test_regex_catastrophic_backtracking_times_out() -> None:
+    out = _score("regex:(a+)+$", ["a" * 40 + "b", "aaa"], "aaa", timeout=0.3)
+    assert [o.status for o in out] == [TIMEOUT, OK] and out[1].score == 1.0
