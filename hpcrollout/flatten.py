@@ -2,8 +2,8 @@
 
 Each response becomes a row: the prompt's input columns, uid, sample_index, response, response_tokens,
 finish_reason, stop_reason, sample_seed, prompt_tokens, error (+ token_ids, logprobs, cumulative_logprob, and
-hpcrollout score's score and score_detail, when present). A row with no responses (an error record) becomes one row with null sample_index and response and its
-error kept, so failures are never dropped silently.
+hpcrollout score's score and score_detail, when present). A row with no responses (an error record) becomes one
+row with null sample_index and response and its error kept, so failures are never dropped silently.
 """
 
 from __future__ import annotations
