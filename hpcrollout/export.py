@@ -6,7 +6,8 @@ Formats (--format):
   prompt_completion  one object per response: {"prompt": [...messages], "completion": [{"role": "assistant", ...}]}
 The chat forms skip error records and null responses (counted in the summary) and add the --extra columns
 (default uid, sample_index, finish_reason, and score if the input is scored) so every example can be traced
-back. A raw-string prompt becomes one user message. Output ending in .gz is gzip-compressed. Written to a temp file and renamed at the end.
+back. A raw-string prompt becomes one user message. Output ending in .gz is gzip-compressed. Written to a temp
+file and renamed at the end.
 """
 
 from __future__ import annotations

@@ -80,7 +80,13 @@ def write_input(path: Path, rows: int, n: int, seed: int = 0, group: int = 8192)
                 responses.append(out)
             writer.write_table(
                 pa.table(
-                    {"uid": uids, "prompt": prompts, "answer": refs, "responses": responses, "error": [None] * len(uids)},
+                    {
+                        "uid": uids,
+                        "prompt": prompts,
+                        "answer": refs,
+                        "responses": responses,
+                        "error": [None] * len(uids),
+                    },
                     schema=schema,
                 )
             )
@@ -143,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         wall, peak, stdout = run_measured(cmd)
         report = json.loads(stdout)
         print(
-            f"{verifier:>8}: {report['responses']:,} responses in {wall:,.1f} s wall = {report['responses'] / wall:,.0f} "
+            f"{verifier:>8}: {report['responses']:,} responses in {wall:,.1f} s wall = "
+            f"{report['responses'] / wall:,.0f} "
             f"responses/s (scoring loop {report['responses_per_s']:,.0f}/s); peak RSS of the process tree "
             f"{peak:,.0f} MiB; mean score {report['mean_score']}; outcomes {report['statuses']}"
         )
