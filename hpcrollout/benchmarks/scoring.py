@@ -3,9 +3,11 @@
 Generates a synthetic merged file of math-style responses (a few sentences of reasoning, then a final answer in
 ``\\boxed{}`` or "The answer is ...": integers, fractions, decimals, about a third of them wrong, a few with no
 answer) with a reference column, then runs ``hpcrollout score`` on it in a subprocess and samples the RSS of that
-process and all its children (the verifier workers) every 0.1 s. Each verifier named runs on the same file.
+process and all its children (the verifier workers) every 0.1 s. Each verifier named runs on the same file;
+with several row counts (``--rows 100000,1000000``) the peak RSS at each shows whether memory grows with rows.
 
-    python -m hpcrollout.benchmarks.scoring --rows 1000000 --n 1 --verifiers math,exact --workdir /tmp/sb
+    python -m hpcrollout.benchmarks.scoring --rows 100000,1000000 --n 1 --verifiers exact --workdir /tmp/sb
+    python -m hpcrollout.benchmarks.scoring --rows 100000 --n 1 --verifiers math
     python -m hpcrollout.benchmarks.scoring --rows 20000 --n 4                          # quick
 """
 
@@ -120,7 +122,7 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows", default="1000000", help="rows of the input; a comma-separated list runs each")
     parser.add_argument("--n", type=int, default=1, help="responses per row")
     parser.add_argument("--verifiers", default="math,exact", help="comma-separated --verifier values")
     parser.add_argument("--workers", type=int, default=None, help="--workers of hpcrollout score (default: its own)")
@@ -129,23 +131,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     base = Path(args.workdir or tempfile.mkdtemp(prefix="hpcrollout-scoring-"))
     base.mkdir(parents=True, exist_ok=True)
-    inp = base / "merged.parquet"
-    t = time.monotonic()
-    responses = write_input(inp, args.rows, args.n)
-    print(
-        f"input: {args.rows:,} rows x n={args.n} = {responses:,} responses, {inp.stat().st_size / 2**20:,.0f} MiB "
-        f"(written in {time.monotonic() - t:,.0f} s)"
-    )
     print(
         f"machine: {platform.node()}, {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), "
         f"{psutil.virtual_memory().total / 2**30:,.0f} GiB RAM, Python {platform.python_version()}, "
         f"load average {os.getloadavg()[0]:.2f} before the runs"
     )
-    for verifier in [v for v in args.verifiers.split(",") if v]:
+    for rows in [int(r) for r in args.rows.split(",") if r]:
+        inp = base / f"merged-{rows}.parquet"
+        t = time.monotonic()
+        responses = write_input(inp, rows, args.n)
+        print(
+            f"input: {rows:,} rows x n={args.n} = {responses:,} responses, {inp.stat().st_size / 2**20:,.0f} MiB "
+            f"(written in {time.monotonic() - t:,.0f} s)"
+        )
+        run_verifiers(inp, args.verifiers, args.workers, base)
+        inp.unlink()
+    if not args.keep and args.workdir is None:
+        shutil.rmtree(base)
+    return 0
+
+
+def run_verifiers(inp: Path, verifiers: str, workers: int | None, base: Path) -> None:
+    for verifier in [v for v in verifiers.split(",") if v]:
         out = base / f"scored-{verifier.replace(':', '_')}.parquet"
         cmd = [sys.executable, "-m", "hpcrollout", "score", str(inp), "-o", str(out), "--verifier", verifier, "--json"]
-        if args.workers is not None:
-            cmd += ["--workers", str(args.workers)]
+        if workers is not None:
+            cmd += ["--workers", str(workers)]
         wall, peak, stdout = run_measured(cmd)
         report = json.loads(stdout)
         print(
@@ -154,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             f"responses/s (scoring loop {report['responses_per_s']:,.0f}/s); peak RSS of the process tree "
             f"{peak:,.0f} MiB; mean score {report['mean_score']}; outcomes {report['statuses']}"
         )
-    if not args.keep and args.workdir is None:
-        shutil.rmtree(base)
-    return 0
+        out.unlink()
 
 
 if __name__ == "__main__":
