@@ -8,8 +8,9 @@ records (no response) are kept unless --drop_errors, so failures never vanish si
 
 Scored input (hpcrollout score): --min_score and --correct / --incorrect select responses by their score (a null
 score, from a row without a reference, passes neither); --solve_rate LO:HI keeps the prompts whose share of correct
-responses is within [LO, HI], counted over all their scored responses before any other filter (merged input only:
-one row per prompt). With --correct and a chat export, that is rejection-sampled SFT data.
+responses is within [LO, HI], counted over all their scored responses before any other filter (in a flattened
+file a prompt is a run of rows with one uid; its error records go too). With --correct and a chat export, that is
+rejection-sampled SFT data.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ import pyarrow.compute as pc
 
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.schema import INTERNAL_COLUMNS, PART_ROW
-from hpcrollout.scoring.metrics import parse_solve_rate, response_score_mask, row_solve_rate_mask
+from hpcrollout.scoring.metrics import (
+    flat_solve_rate_mask,
+    parse_solve_rate,
+    response_score_mask,
+    row_solve_rate_mask,
+    whole_prompt_batches,
+)
 from hpcrollout.sources import (
     DEFAULT_COMPRESSION,
     SAMPLE_COLUMNS,
@@ -172,6 +179,8 @@ def filter_flat_batch(batch: pa.RecordBatch, c: Criteria) -> pa.RecordBatch:
     if "error" in names:
         is_error = pc.is_valid(batch.column("error")).to_numpy(zero_copy_only=False)
         keep = np.where(is_error, not c.drop_errors, keep)
+    if c.solve_rate is not None:  # whole prompts per batch (whole_prompt_batches); error records have no rate
+        keep &= flat_solve_rate_mask(batch, c.solve_rate, c.correct_threshold)
     return batch if keep.all() else batch.filter(pa.array(keep))
 
 
@@ -191,10 +200,7 @@ def _check_columns(source: Source, c: Criteria) -> None:
                 f"score it first: hpcrollout score {source.path} --output scored.parquet --verifier ..."
             )
     if c.solve_rate is not None and flat:
-        raise HpcRolloutError(
-            f"{source.path} is flattened (one row per response); --solve_rate needs a prompt's responses together: "
-            "filter the merged file (or the run directory) with --solve_rate, then flatten"
-        )
+        source.require("uid", why="for --solve_rate on a flattened file (a prompt is a run of rows with one uid)")
 
 
 def filter_file(
@@ -226,7 +232,10 @@ def filter_file(
     report = FilterReport(input=str(source.path), output=str(out), kind=source.kind)
     resp_col = "response" if source.is_flattened else "responses"
     with parquet_output(out, schema, compression) as writer:
-        for batch in source.batches(keep_cols if len(keep_cols) != len(source.schema.names) else None):
+        batches = source.batches(keep_cols if len(keep_cols) != len(source.schema.names) else None)
+        if source.is_flattened and criteria.solve_rate is not None:
+            batches = whole_prompt_batches(batches)
+        for batch in batches:
             if source.is_flattened:
                 kept = filter_flat_batch(batch, criteria)
                 report.responses_in += batch.num_rows - batch.column(resp_col).null_count
@@ -298,7 +307,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--solve-rate",
         default=None,
         metavar="LO:HI",
-        help="Scored merged input: keep prompts whose share of correct responses is in [LO, HI] (0.1:0.9).",
+        help="Scored input: keep prompts whose share of correct responses is in [LO, HI] (0.1:0.9).",
     )
     parser.add_argument(
         "--correct_threshold",

@@ -175,8 +175,23 @@ def test_filter_solve_rate(tmp_path: Path) -> None:
             parse_solve_rate(bad)
     flat = tmp_path / "flat.parquet"
     flatten(src, flat)
-    with pytest.raises(HpcRolloutError, match=r"flattened .*--solve_rate needs a prompt's responses together"):
-        filter_file(flat, out, Criteria(solve_rate=(0.1, 0.9)))
+    for batch_rows in (None, 1, 3, 5):  # prompts cut across batches are put back together
+        filter_file(flat, out, Criteria(solve_rate=(0.1, 0.9)), batch_rows=batch_rows)
+        assert [(row["qid"], row["sample_index"]) for row in _rows(out)] == [
+            (q, i) for q in ("q0", "q1", "q6") for i in range(4)
+        ], batch_rows
+    filter_file(flat, out, Criteria(solve_rate=(0.5, 1.0), correct=True), batch_rows=2)
+    assert [(row["qid"], row["sample_index"]) for row in _rows(out)] == [
+        ("q0", 0),
+        ("q0", 1),
+        ("q3", 0),
+        ("q3", 1),
+        ("q3", 2),
+        ("q3", 3),
+        ("q6", 0),
+        ("q6", 2),
+        ("q6", 3),
+    ]
     r = filter_file(flat, out, Criteria(correct=True))
     assert r.responses_out == 10 and r.error_rows_out == 1  # error records are kept unless --drop_errors
     plain = tmp_path / "plain.parquet"

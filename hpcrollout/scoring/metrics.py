@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -312,3 +313,42 @@ def format_scoring(s: dict[str, Any]) -> list[str]:
         for key, g in s["groups"].items():
             lines.append(f"      {key:<{width}}  {g['prompts']:>8,} prompts  {_summary_line(g)}")
     return lines
+
+
+def whole_prompt_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Flattened batches re-cut so that no prompt (a run of one uid) spans two of them."""
+    pending: pa.Table | None = None
+    for batch in batches:
+        table = pa.Table.from_batches([batch])
+        if pending is not None:
+            table = pa.concat_tables([pending, table])
+        if table.num_rows == 0:
+            continue
+        uid = table.column("uid").combine_chunks()
+        last = uid[table.num_rows - 1]
+        same = pc.equal(uid, last).fill_null(False).to_numpy(zero_copy_only=False) if last.is_valid else None
+        if same is None:  # a null uid: every such row is its own prompt
+            cut = table.num_rows - 1
+        else:
+            cut = table.num_rows - int(np.argmin(same[::-1])) if not same.all() else 0
+        pending = table.slice(cut)
+        if cut:
+            yield from table.slice(0, cut).combine_chunks().to_batches()
+    if pending is not None and pending.num_rows:
+        yield from pending.combine_chunks().to_batches()
+
+
+def flat_solve_rate_mask(
+    batch: pa.RecordBatch, bounds: tuple[float, float], threshold: float = CORRECT_AT
+) -> np.ndarray:
+    """Flattened rows whose prompt (a run of one uid, whole in this batch) has its solve rate within bounds."""
+    uid = batch.column("uid")
+    starts = np.ones(batch.num_rows, bool)
+    if batch.num_rows > 1:
+        starts[1:] = pc.not_equal(uid[1:], uid[:-1]).fill_null(True).to_numpy(zero_copy_only=False)
+    group = np.cumsum(starts) - 1
+    ngroups = int(group[-1]) + 1 if batch.num_rows else 0
+    offsets = pa.array(np.append(np.flatnonzero(starts), batch.num_rows).astype(np.int32))
+    per_prompt = pa.ListArray.from_arrays(offsets, batch.column("score").cast(pa.float64()))
+    keep = row_solve_rate_mask(per_prompt, bounds, threshold) if ngroups else np.zeros(0, bool)
+    return keep[group]
