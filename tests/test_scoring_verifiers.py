@@ -77,9 +77,9 @@ def test_math_pathological_answer_times_out() -> None:
     """9^(9^(9^9)) sends sympy into a huge integer power: the per-response timeout ends it, the next one scores."""
     pytest.importorskip("math_verify")
     started = time.monotonic()
-    out = _score("math", ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{4}"], "4", timeout=1.0)
-    assert time.monotonic() - started < 30
-    assert out[0].status == TIMEOUT and out[0].score == 0.0 and "1 s" in out[0].message
+    out = _score("math", ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{4}"], "4", timeout=2.0)
+    assert time.monotonic() - started < 60
+    assert out[0].status == TIMEOUT and out[0].score == 0.0 and "2 s" in out[0].message
     assert (out[1].score, out[1].status) == (1.0, OK)
 
 
@@ -154,20 +154,20 @@ def test_pool_hard_timeout_kills_a_worker_stuck_in_c(user_module: str) -> None:
     """A verifier stuck in C code ignores SIGALRM: its worker is killed, the response recorded, the rest scored."""
     spec = VerifierSpec(f"python:{user_module}:hangs_in_c", "answer")
     rows = [(["ok", "hang", "ok too"], 1, {"answer": 1}), (["fine"], 1, {"answer": 1})]
-    with VerifierPool(spec, workers=2, timeout_s=0.3, hard_timeout_s=2.0) as pool:
+    with VerifierPool(spec, workers=2, timeout_s=0.3, hard_timeout_s=4.0) as pool:
         started = time.monotonic()
         results = list(pool.imap([rows, *_chunks(["a", "b", "c"])]))
         assert time.monotonic() - started < 60
         assert pool.killed == 1
     first = results[0]
     assert [o.status for o in first] == [OK, TIMEOUT, OK, OK]
-    assert "worker was killed after 2 s" in first[1].message
+    assert "worker was killed after 4 s" in first[1].message
     assert [r[0].status for r in results[1:]] == [OK, OK, OK]
 
 
 def test_pool_soft_timeout_swallowed_and_dead_worker(user_module: str) -> None:
     spec = VerifierSpec(f"python:{user_module}:swallows_everything", "answer")
-    with VerifierPool(spec, workers=1, timeout_s=0.3, hard_timeout_s=1.5) as pool:
+    with VerifierPool(spec, workers=1, timeout_s=0.3, hard_timeout_s=3.0) as pool:
         out = list(pool.imap(_chunks(["stubborn", "fine"])))
     assert [o[0].status for o in out] == [TIMEOUT, OK]
     spec = VerifierSpec(f"python:{user_module}:dies", "answer")
