@@ -87,6 +87,8 @@ def test_exact_regex_choice() -> None:
     out = _score("exact", ["Paris", "the answer is  PARIS.", "\\boxed{\\text{Paris}}", "London", ""], "paris")
     assert _scores(out) == [1.0, 1.0, 1.0, 0.0, 0.0]
     assert out[3].answer == "london"
+    solution = "We add the two numbers, so the result is $\\boxed{Paris}$."  # a worked solution as the reference
+    assert _scores(_score("exact", ["\\boxed{paris}", "Paris", "Rome"], solution)) == [1.0, 1.0, 0.0]
     gsm = "regex:####\\s*(-?[\\d,]+)"
     out = _score(gsm, ["so 6*7 = 42\n#### 42", "#### 41", "no marker, 42", "#### 1\n#### 42"], 42)
     assert [(o.score, o.status) for o in out] == [(1.0, OK), (0.0, OK), (0.0, NO_ANSWER), (1.0, OK)]

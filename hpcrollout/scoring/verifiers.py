@@ -184,8 +184,11 @@ class Verifier:
     needs_row = False
 
     def prepare(self, references: list[str]) -> Any:
-        """Parse the reference once per row; raise to mark the row ``bad_reference``."""
-        return [normalize(r) for r in references]
+        """Parse the reference once per row; raise to mark the row ``bad_reference``.
+
+        The answer part of each (a worked solution's last ``\\boxed{}``), normalized.
+        """
+        return [normalize(final_answer_text(r)) for r in references]
 
     def check(self, response: str, prepared: Any, row: dict[str, Any] | None) -> Outcome:
         raise NotImplementedError
