@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("hpcrollout.analyze", "lengths, finish reasons, duplicates, diversity, errors; --plot PNG"),
     "filter": ("hpcrollout.filter", "keep responses by length, finish reason, errors"),
     "export": ("hpcrollout.export", "JSONL, one object per row or per response, with a chat-messages form"),
+    "score": ("hpcrollout.scoring.score", "check responses against references: math, exact, regex, choice, python"),
     "shard": ("hpcrollout.shard", "only prepare the run directory (validate input, write shards)"),
     "worker": ("hpcrollout.worker", "run one array task's shards (what executors launch)"),
 }

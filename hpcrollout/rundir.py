@@ -11,6 +11,8 @@ RUN_DIR/
   quarantine/parts/00000/...   part files found unreadable or foreign, set aside (never deleted); their prompts
                                are generated again
   heartbeats/00000.json        progress of the shard's current attempt
+  scores/00000.parquet         hpcrollout score: a finished shard's scores (uid, scores, score_details)
+  logs/score/                  hpcrollout score --slurm: the scoring array's submitit logs
   claims/                      dynamic mode: who works on which shard
   tasks/00000.json             SLURM task records (slurm_task.py)
   tasks/local-00000.{lock,json} local executor: held while the task is queued or runs; its pid, host, exit code
@@ -233,6 +235,14 @@ class RunDir:
         """Files set aside so far."""
         q = self.quarantine_dir
         return sorted(p for p in q.rglob("*") if p.is_file() and p.suffix != ".why") if q.is_dir() else []
+
+    def shard_scores(self, shard: int) -> Path:
+        """hpcrollout score's output for one finished shard, written atomically (its existence = scored)."""
+        return self.root / "scores" / f"{shard_name(shard)}.parquet"
+
+    @property
+    def score_logs_dir(self) -> Path:
+        return self.logs_dir / "score"
 
     # state
     def exists(self) -> bool:
