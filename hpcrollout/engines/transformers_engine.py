@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from hpcrollout.engines import tensor_parallel_size
+from hpcrollout.engines import cpu_threads, tensor_parallel_size
 from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
 from hpcrollout.errors import HpcRolloutError
 
@@ -33,6 +33,7 @@ class TransformersEngine(Engine):
 
         started = time.time()
         self.torch = torch
+        torch.set_num_threads(cpu_threads(config))  # this process's share of the CPUs, not every core
         mc, ec = config.model, config.engine
         device = ec.device
         if device == "auto":
@@ -82,6 +83,7 @@ class TransformersEngine(Engine):
             "device": str(self.device),
             "tensor_parallel_size": tensor_parallel_size(self.config),
             "engine_start_s": round(self.start_s, 3),
+            "cpu_threads": self.torch.get_num_threads(),
             **self._versions,
         }
 
