@@ -24,6 +24,7 @@ from hpcrollout.local import run_local
 from hpcrollout.merge import merge_run
 from hpcrollout.rundir import RunDir
 from hpcrollout.shard import prepare_run
+from hpcrollout.submit import preflight
 from hpcrollout.worker import run_task
 
 log = logging.getLogger("hpcrollout")
@@ -100,6 +101,7 @@ def progress_bar(rundir: RunDir) -> Iterator[Callable[[Any], None] | None]:
 def run(config: RunConfig, output: str | Path | None, *, force: bool = False) -> dict[str, Any]:
     """Prepare (or reopen) the run directory, run every task here, merge into output."""
     check_backend(config)
+    preflight(config)  # before the run directory exists: a missing model creates nothing
     rundir = RunDir(config.run_dir)
     with rundir.lock("run"):
         prepare_run(config, force=force)

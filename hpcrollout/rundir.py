@@ -159,6 +159,13 @@ class RunDir:
             return set()
         return {int(p.stem) for p in done.glob("*.json") if p.stem.isdigit()}
 
+    def has_committed_samples(self) -> bool:
+        """Whether any sample is on disk: a done marker, a shard output or a committed part of a running shard."""
+        if self.done_shards():
+            return True
+        outputs, parts = self.shard_output(0).parent, self.parts_dir(0).parent
+        return any(outputs.glob("*.parquet")) or any(parts.glob("*/part-*.parquet"))
+
     def pending_shards(self) -> list[int]:
         done = self.done_shards()
         return [s for s in range(self.num_shards()) if s not in done]
@@ -177,7 +184,12 @@ class RunDir:
 
     @contextlib.contextmanager
     def lock(self, what: str = "submit") -> Iterator[None]:
-        """An exclusive, non-blocking lock on the run directory: a second submit gets a clear error."""
+        """An exclusive, non-blocking lock on the run directory: a second submit gets a clear error.
+
+        A run directory that is still not prepared when the lock is released (the submit failed: bad input, a
+        missing model) is left as it was found: the lock file and the directories made for it are removed.
+        """
+        made = [d for d in (self.root, *self.root.parents) if not d.exists()]  # deepest first
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / "lock"
         with open(path, "a+") as f:
@@ -198,4 +210,11 @@ class RunDir:
             finally:
                 f.seek(0)
                 f.truncate()
+                if not self.exists():  # unlinked while still held: a racing submit fails on it or makes a new one
+                    path.unlink(missing_ok=True)
+                    for d in made:
+                        try:
+                            d.rmdir()  # only if empty: whatever else is there stays
+                        except OSError:
+                            break
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -50,6 +50,15 @@ def test_default_backend_without_vllm_names_the_alternative(tmp_path, tiny_model
     assert "vLLM" in r.stderr and "--backend transformers" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_run_with_a_missing_model_says_so_and_creates_nothing(tmp_path):
+    inp = write_input(tmp_path / "in.parquet", make_prompts(2))
+    r = hpcrollout("run", "--model_path", str(tmp_path / "models" / "Qwen3-4B"), "--input", str(inp),
+                   "--output", str(tmp_path / "out.parquet"), "--backend", "transformers")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"model.path: {tmp_path / 'models' / 'Qwen3-4B'} does not exist" in r.stderr
+    assert not (tmp_path / "out.run").exists()  # no run directory for a run that cannot start
+
+
 def test_config_errors_are_one_line_without_traceback(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("sampling:\n  top_p: 3\n")

@@ -9,6 +9,7 @@ import pytest
 from hpcrollout import engines
 from hpcrollout.config import load_config
 from hpcrollout.local import run_local
+from hpcrollout.rundir import RunDir
 from hpcrollout.shard import prepare_run
 from tests.conftest import make_config, make_prompts, write_input
 
@@ -65,3 +66,37 @@ def test_local_tasks_run_their_engines_on_their_share(tiny_model, tmp_path, monk
     for shard in (0, 1):
         marker = json.loads(rundir.done_marker(shard).read_text())
         assert marker["engine"]["cpu_threads"] == expected, marker["engine"]
+
+
+def test_a_missing_chat_template_file_is_a_user_error_not_a_crash(tiny_model, tmp_path):
+    """A FileNotFoundError would be retried by SLURM; a setup error a user can fix is an HpcRolloutError."""
+    from hpcrollout.errors import HpcRolloutError
+
+    inp = write_input(tmp_path / "in.parquet", make_prompts(2))
+    config = make_config(tmp_path, tiny_model, inp)
+    config.model.chat_template = str(tmp_path / "t.jinja")
+    with pytest.raises(HpcRolloutError, match=r"model.chat_template: \S+t.jinja does not exist"):
+        engines.create_engine(config)
+
+
+def test_a_tokenizer_without_chat_template_is_one_clear_error(tiny_model, tmp_path):
+    """Chat input and no template: the task stops with one message saying so (not an error record per row)."""
+    import shutil
+
+    from hpcrollout.errors import HpcRolloutError
+    from hpcrollout.worker import run_task
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_model, model)
+    (model / "chat_template.jinja").unlink()
+    inp = write_input(tmp_path / "in.parquet", make_prompts(3))
+    rundir = prepare_run(make_config(tmp_path, model, inp))
+    with pytest.raises(HpcRolloutError, match="tokenizer has no chat template.*set model.chat_template"):
+        run_task(rundir.root, 0)
+    # a template file fixes it, and the transformers backend renders as the vLLM backend does
+    template = tmp_path / "chatml.jinja"
+    shutil.copy(tiny_model / "chat_template.jinja", template)
+    config = make_config(tmp_path / "fixed", model, inp)
+    config.model.chat_template = str(template)
+    run_task(prepare_run(config).root, 0)
+    assert len(RunDir(config.run_dir).done_shards()) == 1

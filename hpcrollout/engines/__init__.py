@@ -105,6 +105,9 @@ def limit_cpu_threads(config: RunConfig) -> int:
 def create_engine(config: RunConfig) -> Engine:
     """The configured backend, with this process's CPU threads limited to its share. vLLM is imported only here,
     only when asked for."""
+    from hpcrollout.config import check_paths
+
+    check_paths(config)  # here too: a compute node may not see what the login node saw
     limit_cpu_threads(config)
     if config.backend == "transformers":
         from hpcrollout.engines.transformers_engine import TransformersEngine

@@ -12,11 +12,11 @@ import inspect
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 from hpcrollout.engines import cpu_threads, tensor_parallel_size
 from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
+from hpcrollout.engines.render import PromptRenderer
 from hpcrollout.errors import HpcRolloutError
 
 log = logging.getLogger("hpcrollout")
@@ -58,11 +58,10 @@ class TransformersEngine(Engine):
             self.model = AutoModelForCausalLM.from_pretrained(
                 mc.path, dtype=dtype, trust_remote_code=mc.trust_remote_code
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: the hub's "Repo id must be in the form ..."
             raise HpcRolloutError(f"model.path: cannot load {mc.path!r}: {exc}") from None
         self.model.to(self.device).eval()
-        if mc.chat_template:
-            self.tokenizer.chat_template = Path(mc.chat_template).read_text()
+        self.renderer = PromptRenderer(config, tokenizer=self.tokenizer)
         self.max_model_len = ec.max_model_len or getattr(self.model.config, "max_position_embeddings", None) or 4096
         eos = set()
         for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
@@ -90,21 +89,11 @@ class TransformersEngine(Engine):
     def close(self) -> None:
         self.model = None
 
-    # prompts -> token ids
-    def render(self, request: PromptRequest) -> list[int]:
-        if request.messages is not None:
-            text = self.tokenizer.apply_chat_template(
-                request.messages, add_generation_prompt=True, tokenize=False, **self.config.model.chat_template_kwargs
-            )
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(request.text, add_special_tokens=True)["input_ids"]
-
     def generate(self, requests: Iterable[PromptRequest]) -> Iterator[PromptResult]:
         for request in requests:
-            try:
-                ids = self.render(request)
-            except Exception as exc:  # a template that rejects this conversation fails the row, not the shard
-                yield PromptResult.failed(request, f"chat template failed: {type(exc).__name__}: {exc}")
+            (ids,) = self.renderer.encode([request])  # the same rendering as the vLLM backend's
+            if isinstance(ids, str):  # a template that rejects this conversation fails the row, not the shard
+                yield PromptResult.failed(request, ids)
                 continue
             if len(ids) >= self.max_model_len:
                 yield PromptResult.failed(
