@@ -224,6 +224,12 @@ class RunConfig(_Section):
         return {k: _digest(v) for k, v in parts.items()}
 
 
+def exact_budgets(config: RunConfig) -> bool:
+    """Whether the token budgets are what the run will generate (sampling.ignore_eos, or per-prompt max_tokens in
+    data.max_tokens_column), so an ETA is tokens left / tokens per second; else prompts left / prompts per second."""
+    return config.sampling.ignore_eos or config.data.max_tokens_column is not None
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 

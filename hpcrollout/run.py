@@ -25,7 +25,7 @@ from hpcrollout.merge import merge_run
 from hpcrollout.rundir import RunDir
 from hpcrollout.shard import prepare_run
 from hpcrollout.submit import preflight
-from hpcrollout.worker import run_task
+from hpcrollout.worker import EngineMeter, run_task
 
 log = logging.getLogger("hpcrollout")
 
@@ -82,8 +82,18 @@ def check_backend(config: RunConfig) -> None:
         )
 
 
+def bar_updater(bar: Any) -> Callable[[Any, EngineMeter], None]:
+    """The per-result callback of the progress bar: one prompt more, and the engine's live generated tok/s."""
+
+    def update(result: Any, meter: EngineMeter) -> None:
+        bar.set_postfix_str(f"{meter.sample()['tokens_per_s']:,.0f} generated tok/s", refresh=False)
+        bar.update(1)
+
+    return update
+
+
 @contextlib.contextmanager
-def progress_bar(rundir: RunDir) -> Iterator[Callable[[Any], None] | None]:
+def progress_bar(rundir: RunDir) -> Iterator[Callable[[Any, EngineMeter], None] | None]:
     """A progress bar on a terminal; elsewhere (SLURM, CI, files) the worker's periodic log lines suffice."""
     if not sys.stderr.isatty():
         yield None
@@ -95,7 +105,7 @@ def progress_bar(rundir: RunDir) -> Iterator[Callable[[Any], None] | None]:
     done = sum(s["prompts"] for s in manifest["shards"] if rundir.is_done(s["shard"]))
     with tqdm(total=manifest["num_rows"], initial=done, unit="prompt", dynamic_ncols=True) as bar, \
             logging_redirect_tqdm(loggers=[log]):
-        yield lambda result: bar.update(1)
+        yield bar_updater(bar)
 
 
 def run(config: RunConfig, output: str | Path | None, *, force: bool = False) -> dict[str, Any]:

@@ -74,6 +74,7 @@ class TransformersEngine(Engine):
         # transformers 5.2x renamed past_key_values to cache; older releases only know the old name
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.start_s = time.time() - started
+        self.generated = 0  # tokens decoded so far, counted per step (read by the worker for live throughput)
         self._versions = {"transformers": transformers.__version__, "torch": torch.__version__}
 
     def describe(self) -> dict[str, Any]:
@@ -88,6 +89,9 @@ class TransformersEngine(Engine):
 
     def close(self) -> None:
         self.model = None
+
+    def tokens_generated(self) -> int:
+        return self.generated
 
     def generate(self, requests: Iterable[PromptRequest]) -> Iterator[PromptResult]:
         for request in requests:
@@ -129,6 +133,7 @@ class TransformersEngine(Engine):
                     if finish[i] is not None:
                         continue
                     generated[i].append(tok)
+                    self.generated += 1
                     if raw_logprobs is not None:
                         chosen_logprobs[i].append(float(raw_logprobs[i, tok]))
                     counts[i, tok] += 1

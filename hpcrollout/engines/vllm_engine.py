@@ -76,6 +76,7 @@ def llm_kwargs(config: Any) -> dict[str, Any]:
     }
     kwargs.update({key: getattr(ec, key) for key in _ENGINE_KEYS})
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs["disable_log_stats"] = False  # keeps vLLM's counters, read for live throughput (tokens_generated)
     kwargs.update(ec.kwargs)  # engine.kwargs wins: any EngineArgs field, passed as is
     return kwargs
 
@@ -268,6 +269,15 @@ class VllmEngine(Engine):
 
             info["device"] = current_platform.get_device_name()
         return info
+
+    def tokens_generated(self) -> int | None:
+        """vLLM's own count of generated tokens (vllm:generation_tokens), requests still running included."""
+        try:
+            metrics = self.llm.get_metrics()
+        except Exception:  # stats disabled (engine.kwargs) or an older vLLM: the worker counts finished prompts
+            return None
+        values = [m.value for m in metrics if getattr(m, "name", "") == "vllm:generation_tokens"]
+        return int(sum(values)) if values else None
 
     def close(self) -> None:
         engine = getattr(self, "engine", None)
