@@ -356,7 +356,8 @@ def _resolve_paths(tree: dict[str, Any], here: Path) -> None:
         if not isinstance(node, dict) or not isinstance(node.get(key), str) or not node[key]:
             continue
         value = os.path.expanduser(os.path.expandvars(node[key]))
-        if section == "model" and key in ("path", "tokenizer") and _HUB_NAME.fullmatch(value) and not (here / value).exists():
+        hub = section == "model" and key in ("path", "tokenizer") and _HUB_NAME.fullmatch(value)
+        if hub and not (here / value).exists():
             node[key] = value
             continue
         node[key] = value if Path(value).is_absolute() else os.path.normpath(here / value)

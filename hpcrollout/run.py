@@ -52,7 +52,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", "-o", required=False, help="merged output Parquet file")
+    parser.add_argument("--output", "-o", required=True, help="merged output Parquet file")
     for flag, (key, typ, help_text) in FLAGS.items():
         names = [f"--{flag}"] + ([f"--{flag.replace('_', '-')}"] if "_" in flag else [])
         parser.add_argument(*names, dest=flag, type=typ, default=None, help=help_text or key)
@@ -68,9 +68,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     base["executor.type"] = "local"
     config = load_config(args.config, args.overrides, base)
     if not config.run_dir:
-        if not args.output:
-            raise HpcRolloutError("give --output (and optionally --run_dir)")
-        config.run_dir = str(Path(args.output).with_suffix("")) + ".run"
+        config.run_dir = str(Path(args.output).resolve().with_suffix("")) + ".run"
     return config
 
 

@@ -135,6 +135,10 @@ class RunDir:
         return self.manifest_path.is_file()
 
     def require(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise HpcRolloutError(
+                f"{self.root} is a file, not a run directory; give the run directory (run_dir of the config)"
+            )
         if not self.root.is_dir():
             raise HpcRolloutError(f"run directory {self.root} does not exist")
         if not self.exists():

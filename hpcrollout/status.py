@@ -585,10 +585,11 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
         )
     for f in st["failed"]:
         lines.append("")
-        what = f"task {f['task']}" + (
-            f" (job {f['job_id']}, {f['slurm_state']}, exit {f['exit_code']})" if f["job_id"] else ""
-        )
-        lines.append(f"FAILED {what}: shards {', '.join(map(str, f['shards']))}; attempts that raised: {f['failures']}")
+        cancelled = str(f["slurm_state"] or "").startswith("CANCELLED")
+        exit_code = "" if cancelled or f["exit_code"] in (None, "", "0:0") else f", exit {f['exit_code']}"
+        what = f"task {f['task']}" + (f" (job {f['job_id']}, {f['slurm_state']}{exit_code})" if f["job_id"] else "")
+        head = "CANCELLED" if cancelled else "FAILED"  # a deliberate scancel is not a failure of the task
+        lines.append(f"{head} {what}: shards {', '.join(map(str, f['shards']))}; attempts that raised: {f['failures']}")
         if f["error"]:
             lines.append(f"  error: {f['error']}")
         if f["log"]:

@@ -302,12 +302,19 @@ def dry_run(config: RunConfig, *, force: bool = False, out=None, add_tasks: int 
     lines.append(
         f"input: {config.data.input} ({total} prompts x n={config.sampling.n}); model: {config.model.path}; backend: {config.backend}"
     )
-    lines.append(f"shards: {len(shards)} ({len(pending)} to run), tasks: {num_tasks} ({config.sharding.mode})")
+    busy = [s for s in pending if not dynamic and static_task(s["shard"], num_tasks) in active]
+    counts = f"{len(pending) - len(busy)} to run" + (f", {len(busy)} queued or running" if busy else "")
+    lines.append(f"shards: {len(shards)} ({counts}), tasks: {num_tasks} ({config.sharding.mode})")
     lines.append(f"  {'shard':>5} {'rows':>17} {'prompts':>8} {'est_work':>10} {'task':>5} state")
     for s in shards:
         a, b = s["rows"]
-        state = "done" if s["shard"] in done else "to run"
         task = static_task(s["shard"], num_tasks) if not dynamic else "-"
+        if s["shard"] in done:
+            state = "done"
+        elif not dynamic and task in active:  # its task is queued or running: not submitted again
+            state = f"queued or running (job {active[task]})"
+        else:
+            state = "to run"
         lines.append(f"  {s['shard']:>5} {f'{a}-{b}':>17} {b - a:>8} {s.get('est_work', 0):>10.0f} {task:>5} {state}")
     lines += active_lines(active, "would not be resubmitted")
     if dynamic and active and tasks:

@@ -110,3 +110,33 @@ def test_local_tasks_leave_no_orphans(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError("the orphaned child survived")
+
+
+def test_help_and_flags_a_user_meets(capsys, tmp_path):
+    """--help opens with what the tool does; -v works after the subcommand; every argument has help."""
+    import pytest
+
+    assert cli_main([]) == 0
+    head = capsys.readouterr().out
+    assert "n sampled responses per chat prompt" in head and "wires one subcommand" not in head
+    for command, wanted in (
+        ("demo", "prompts in the demo input"),
+        ("merge", "the run directory (run_dir of the config)"),
+        ("run", "[-v] --output OUTPUT "),  # required: not shown in brackets
+    ):
+        with pytest.raises(SystemExit):
+            cli_main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert wanted in text, text
+    with pytest.raises(SystemExit):
+        cli_main(["run", "--input", "x.parquet"])  # --output is required, and says so
+    assert "the following arguments are required: --output" in capsys.readouterr().err
+    r = hpcrollout("status", str(tmp_path / "nope"), "-v")
+    assert r.returncode == 2 and "unrecognized arguments" not in r.stderr and "does not exist" in r.stderr
+
+
+def test_status_of_a_file_says_it_is_a_file(tmp_path):
+    f = tmp_path / "merged.parquet"
+    f.write_bytes(b"PAR1")
+    r = hpcrollout("status", str(f))
+    assert r.returncode == 2 and f"{f} is a file, not a run directory" in r.stderr

@@ -206,3 +206,16 @@ def test_demo_config_runs_from_any_directory_with_no_earlier_step(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pq.read_table(merged)
     assert table.num_rows == 24 and all(len(r) == 4 for r in table.column("responses").to_pylist())
+
+
+def test_dry_run_does_not_list_queued_or_running_shards_as_to_run(tiny_model, tmp_path, monkeypatch):
+    import hpcrollout.submit as submit
+
+    config = _config(tmp_path, tiny_model)
+    prepare_run(config)
+    monkeypatch.setattr(submit, "active_tasks", lambda rundir: {1: "77_1"})  # squeue: task 1 is running
+    text = dry_run(config)
+    assert "shards: 3 (2 to run, 1 queued or running)" in text
+    (row,) = [ln for ln in text.splitlines() if ln.split()[:1] == ["1"]]
+    assert row.endswith("queued or running (job 77_1)")
+    assert "would submit: 2 task(s) [0,2]" in text
