@@ -444,6 +444,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    from hpcrollout.submit import preflight
+
+    preflight(config)  # as submit does: a missing model is found before a run directory exists
     rundir = RunDir(config.run_dir) if config.run_dir else None
     with rundir.lock("prepare") if rundir else contextlib.nullcontext():
         rundir = prepare_run(config, force=args.force)
