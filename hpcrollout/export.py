@@ -175,7 +175,7 @@ def main(args: argparse.Namespace) -> int:
     skipped = ""
     if r.format != "rows":
         skipped = f" (skipped {r.skipped_errors:,} error records/null responses, {r.skipped_bad_prompts:,} bad prompts)"
-    print(f"wrote {r.records_out:,} {r.format} records from {r.rows_in:,} rows{skipped} -> {r.output}")
+    print(f"wrote {r.records_out:,} JSONL records ({r.format} format) from {r.rows_in:,} rows{skipped} -> {r.output}")
     return 0
 
 

@@ -249,6 +249,10 @@ class RunDir:
         return self.manifest_path.is_file()
 
     def require(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise HpcRolloutError(
+                f"{self.root} is a file, not a run directory; give the run directory (run_dir of the config)"
+            )
         if not self.root.is_dir():
             raise HpcRolloutError(f"run directory {self.root} does not exist")
         if not self.exists():
@@ -301,6 +305,13 @@ class RunDir:
         """Shards marked done whose output is gone (deleted by hand): resume redoes them."""
         return sorted(self.marked_shards() - self._stems("outputs", ".parquet"))
 
+    def has_committed_samples(self) -> bool:
+        """Whether any sample is on disk: a done marker, a shard output or a committed part of a running shard."""
+        if self.done_shards():
+            return True
+        outputs, parts = self.shard_output(0).parent, self.parts_dir(0).parent
+        return any(outputs.glob("*.parquet")) or any(parts.glob("*/part-*.parquet"))
+
     def pending_shards(self) -> list[int]:
         done = self.done_shards()
         return [s for s in range(self.num_shards()) if s not in done]
@@ -319,7 +330,12 @@ class RunDir:
 
     @contextlib.contextmanager
     def lock(self, what: str = "submit") -> Iterator[None]:
-        """An exclusive, non-blocking lock on the run directory: a second submit gets a clear error."""
+        """An exclusive, non-blocking lock on the run directory: a second submit gets a clear error.
+
+        A run directory that is still not prepared when the lock is released (the submit failed: bad input, a
+        missing model) is left as it was found: the lock file and the directories made for it are removed.
+        """
+        made = [d for d in (self.root, *self.root.parents) if not d.exists()]  # deepest first
         path = self.root / "lock"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -346,4 +362,12 @@ class RunDir:
                 with contextlib.suppress(OSError):
                     f.seek(0)
                     f.truncate()
+                if not self.exists():  # unlinked while still held: a racing submit fails on it or makes a new one
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
+                    for d in made:
+                        try:
+                            d.rmdir()  # only if empty: whatever else is there stays
+                        except OSError:
+                            break
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
