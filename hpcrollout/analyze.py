@@ -19,7 +19,7 @@ import logging
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,9 @@ import pyarrow.compute as pc
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.histogram import LengthHistogram
 from hpcrollout.sources import Source, add_input_args, open_source, run_standalone
+
+if TYPE_CHECKING:
+    from hpcrollout.scoring.metrics import ScoreAnalysis
 
 log = logging.getLogger("hpcrollout")
 
@@ -354,10 +357,21 @@ def analyze(
     batch_rows: int | None = None,
     max_tokens: int | None = None,
     partial: bool = False,
+    by: str | None = None,
+    correct_threshold: float | None = None,
 ) -> dict[str, Any]:
-    """Stream the input once and return the report dict; write the PNG if ``plot`` is given."""
+    """Stream the input once and return the report dict; write the PNG if ``plot`` is given.
+
+    A scored input (hpcrollout score) also gets a ``scoring`` section: mean score, pass@k, maj@n, solve rates,
+    overall and by the values of column ``by``.
+    """
     source = open_source(input_path, batch_rows, partial)
     analysis = Analysis(source)
+    scoring = _score_analysis(source, by, correct_threshold)
+    score_cols = (
+        [] if scoring is None else ["score", "score_detail"] if source.is_flattened else ["scores", "score_details"]
+    )
+    score_cols += [by] if by else []
     how = "given" if max_tokens is not None else ""
     if source.run_dir is not None and max_tokens is None:
         try:
@@ -366,14 +380,22 @@ def analyze(
             log.warning("could not read sampling.max_tokens from %s: %s", source.run_dir.config_path, exc)
     if source.is_flattened:
         cols = ["uid", "response", "response_tokens", "finish_reason", "prompt_tokens", "error", "schema_valid"]
-        for batch in source.batches(cols):
-            analysis.add_flattened(batch)
+        for batch in source.batches(list(dict.fromkeys(cols + score_cols))):
+            analysis.add_flattened(batch.select([c for c in cols if c in batch.schema.names]))
+            if scoring is not None:
+                scoring.add_flattened(batch)
         analysis.add_flattened(None)
+        if scoring is not None:
+            scoring.add_flattened(None)
     else:
         cols = ["uid", "responses", "response_tokens", "finish_reasons", "prompt_tokens", "error", "schema_valid"]
-        for batch in source.batches(cols):
+        for batch in source.batches(list(dict.fromkeys(cols + score_cols))):
             analysis.add_merged(batch)
+            if scoring is not None:
+                scoring.add_merged(batch)
     report = analysis.result(max_tokens, how)
+    if scoring is not None:
+        report["scoring"] = scoring.result()
     if source.run_dir is not None:
         report["throughput"] = run_throughput(source.run_dir.root)
     if plot:
@@ -382,6 +404,25 @@ def analyze(
         plot_report(report, analysis, plot)
         report["plot"] = str(plot)
     return report
+
+
+def _score_analysis(source: Source, by: str | None, threshold: float | None) -> ScoreAnalysis | None:
+    """The score statistics to gather, if the input is scored (hpcrollout score); --by needs scores."""
+    from hpcrollout.scoring.metrics import CORRECT_AT, ScoreAnalysis
+
+    scored = source.has("score" if source.is_flattened else "scores")
+    if not scored:
+        if by or threshold is not None:
+            raise HpcRolloutError(
+                f"{source.path} has no scores, so --by/--correct_threshold have nothing to break down; "
+                f"score it first: hpcrollout score {source.path} --output scored.parquet --verifier ..."
+            )
+        return None
+    if source.is_flattened:
+        source.require("uid", why="to group a flattened file's responses by prompt for the score report")
+    if by:
+        source.require(by, why="for --by")
+    return ScoreAnalysis(by, CORRECT_AT if threshold is None else threshold)
 
 
 # The name hpcrollout.demo imports.
@@ -457,6 +498,10 @@ def format_report(r: dict[str, Any]) -> str:
         if t["per_shard_tokens_per_s"]:
             p = t["per_shard_tokens_per_s"]
             add(f"  per shard           tokens/s min {p['min']:,.1f}  mean {p['mean']:,.1f}  max {p['max']:,.1f}")
+    if r.get("scoring"):
+        from hpcrollout.scoring.metrics import format_scoring
+
+        lines.extend(format_scoring(r["scoring"]))
     if r.get("plot"):
         add(f"  plot                {r['plot']}")
     return "\n".join(lines)
@@ -478,12 +523,24 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="The sampling cap to mark (default: the run config's, or inferred from 'length' finishes).",
     )
+    parser.add_argument(
+        "--by", default=None, help="Scored input: break the score report down by this column (e.g. data_source)."
+    )
+    parser.add_argument(
+        "--correct_threshold",
+        "--correct-threshold",
+        type=float,
+        default=None,
+        help="Scored input: a response is correct when its score is at least this (default: 1.0).",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     if args.plot and not str(args.plot).lower().endswith(".png"):
         raise HpcRolloutError(f"--plot {args.plot}: give a .png path")
-    report = analyze(args.input, args.plot, args.batch_rows, args.max_tokens, args.partial)
+    report = analyze(
+        args.input, args.plot, args.batch_rows, args.max_tokens, args.partial, args.by, args.correct_threshold
+    )
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
     return 0
 

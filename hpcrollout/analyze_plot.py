@@ -15,8 +15,11 @@ def plot_report(r: dict[str, Any], analysis: Analysis, path: str | Path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
-    (ax_tok, ax_chr), (ax_fin, ax_div) = axes
+    scoring = r.get("scoring")
+    fig, axes = plt.subplots(2, 3 if scoring else 2, figsize=(19 if scoring else 13, 8.5))
+    (ax_tok, ax_chr, *ax_solve), (ax_fin, ax_div, *ax_pass) = axes
+    if scoring:
+        plot_scoring(scoring, ax_solve[0], ax_pass[0])
     for ax, hist, what in ((ax_tok, analysis.tokens, "response tokens"), (ax_chr, analysis.chars, "response chars")):
         edges, heights = hist.bins()
         ax.stairs(heights, edges, fill=True, color="#4878a8")
@@ -94,3 +97,46 @@ def plot_report(r: dict[str, Any], analysis: Analysis, path: str | Path) -> None
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_scoring(s: dict[str, Any], ax_solve: Any, ax_pass: Any) -> None:
+    """Scored input: the solve-rate histogram (prompts per correct/n) and pass@k against k, maj@n marked."""
+    counts = dict(s["solve_rate"])
+    ns = {int(key.split("/")[1]) for key in counts}
+    if len(ns) == 1 and next(iter(ns)) <= 64:  # one n: every outcome 0/n..n/n, zeros included
+        n = next(iter(ns))
+        counts = {f"{c}/{n}": counts.get(f"{c}/{n}", 0) for c in range(n + 1)}
+    if counts:
+        labels = list(counts)
+        # Numeric positions: matplotlib would read labels like "1/4" as dates.
+        colors = [
+            "crimson" if k.startswith("0/") else "#6a9955" if k.split("/")[0] == k.split("/")[1] else "#4878a8"
+            for k in labels
+        ]
+        ax_solve.bar(range(len(labels)), list(counts.values()), color=colors, tick_label=labels)
+        if len(labels) > 12:
+            ax_solve.tick_params(axis="x", labelrotation=90, labelsize=7)
+    ax_solve.set_title(
+        f"solve rate: never {s['never_solved']:,}, always {s['always_solved']:,} of {s['scored_prompts']:,} prompts"
+    )
+    ax_solve.set_xlabel("correct / n")
+    ax_solve.set_ylabel("prompts")
+    ks = [int(k) for k, v in s["pass_at_k"].items() if v["value"] is not None]
+    if ks:
+        values = [s["pass_at_k"][str(k)]["value"] for k in ks]
+        ax_pass.plot(ks, values, marker="o", color="#4878a8", label="pass@k (unbiased)")
+        for k, v in zip(ks, values, strict=True):
+            ax_pass.annotate(fmt_pct(v), (k, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        maj = s["maj_at_n"]
+        if maj["value"] is not None:
+            ax_pass.axhline(
+                maj["value"], color="#c08a30", linestyle="--", label=f"maj@{maj['n']} {fmt_pct(maj['value'])}"
+            )
+        ax_pass.set_xscale("log", base=2)
+        ax_pass.set_xticks(ks, [str(k) for k in ks])
+        ax_pass.set_ylim(0, 1.12)
+        ax_pass.legend(loc="lower right", fontsize=8)
+    mean = "-" if s["mean_score"] is None else f"{s['mean_score']:.3f}"
+    ax_pass.set_title(f"pass@k; mean score {mean}, correct {fmt_pct(s['accuracy'])}")
+    ax_pass.set_xlabel("k")
+    ax_pass.set_ylabel("pass@k")

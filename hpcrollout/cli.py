@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("hpcrollout.analyze", "lengths, finish reasons, duplicates, diversity, errors; --plot PNG"),
     "filter": ("hpcrollout.filter", "keep responses by length, finish reason, errors"),
     "export": ("hpcrollout.export", "JSONL, one object per row or per response, with a chat-messages form"),
+    "score": ("hpcrollout.scoring.score", "check responses against references: math, exact, regex, choice, python"),
     "shard": ("hpcrollout.shard", "only prepare the run directory (validate input, write shards)"),
     "worker": ("hpcrollout.worker", "run one array task's shards (what executors launch)"),
 }
@@ -70,8 +71,15 @@ def run_module(
     return _invoke(main, args)
 
 
+DESCRIPTION = (
+    "n sampled responses per chat prompt, at cluster scale: shard a Parquet file of prompts, generate on a SLURM "
+    "job array (or this machine) with vLLM or transformers, resume after any interruption without losing or "
+    "doubling a sample, then merge, analyze, flatten, filter and export. Start with: hpcrollout demo"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hpcrollout", description=(__doc__ or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="hpcrollout", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"hpcrollout {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -79,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for command, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(command, help=help_text, description=help_text)
+        # -v after the subcommand too; SUPPRESS: absent there, it does not reset a -v given before it
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
         if command == wanted:  # import only the module that runs: keeps `hpcrollout status` fast
             module = importlib.import_module(module_name)
             module.add_cli_args(p)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -249,6 +250,13 @@ class RunConfig(_Section):
     """A whole run."""
 
     run_dir: str | None = Field(None, description="Everything about the run lives here (shared filesystem).")
+    demo: bool = Field(
+        False,
+        description=(
+            "Build the tiny random-weight model at model.path and the demo prompts at data.input where they do "
+            "not exist yet (configs/demo.yaml; no download, no GPU)."
+        ),
+    )
     backend: Literal["vllm", "transformers"] = "vllm"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -348,6 +356,12 @@ def sample_engine_settings(engine: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def exact_budgets(config: RunConfig) -> bool:
+    """Whether the token budgets are what the run will generate (sampling.ignore_eos, or per-prompt max_tokens in
+    data.max_tokens_column), so an ETA is tokens left / tokens per second; else prompts left / prompts per second."""
+    return config.sampling.ignore_eos or config.data.max_tokens_column is not None
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -425,15 +439,29 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
 ) -> RunConfig:
-    """YAML file (optional), then ``base`` keys, then dotted ``--set`` overrides; validated once."""
+    """YAML file (optional), then ``base`` keys, then dotted ``--set`` overrides; validated once.
+
+    Relative paths in the file resolve against the file's directory, so a config runs the same from any working
+    directory; relative paths given on the command line (``base``, ``--set``) resolve against the working
+    directory, as a shell user expects. The resolved config holds absolute paths.
+    """
     tree: dict[str, Any] = read_yaml(path) if path else {}
     source = str(path) if path else "command line"
     if path:
-        _resolve_paths(tree, Path(path).parent)
+        _resolve_paths(tree, Path(path).resolve().parent)
+    given: dict[str, Any] = {}
     for key, value in (base or {}).items():
         set_dotted(tree, key, value)
+        set_dotted(given, key, value)
     for item in overrides or []:
-        set_dotted(tree, *parse_override(item))
+        key, value = parse_override(item)
+        set_dotted(tree, key, value)
+        set_dotted(given, key, value)
+    _resolve_paths(given, Path.cwd())
+    for section, key in PATH_KEYS:  # the command line's values, now resolved, over the file's
+        node = given.get(section) if section else given
+        if isinstance(node, dict) and key in node:
+            set_dotted(tree, f"{section}.{key}" if section else key, node[key])
     return build_config(tree, source)
 
 
@@ -445,15 +473,41 @@ PATH_KEYS = (
     ("model", "lora"),
     (None, "run_dir"),
 )
+# A model or tokenizer given as a hub name ("Qwen/Qwen3-4B", "gpt2") rather than a directory.
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def is_hub_name(value: str) -> bool:
+    """True for what can only be a hub repo id and is no path here: "org/name" or "name", not existing locally."""
+    return bool(_HUB_NAME.fullmatch(value)) and not Path(value).exists()
 
 
 def _resolve_paths(tree: dict[str, Any], here: Path) -> None:
-    """$VARS and ~ expand in paths; a relative path that exists only beside the config file is taken from there."""
+    """$VARS and ~ expand in paths, and relative paths are taken relative to ``here``; hub names stay as they are."""
     for section, key in PATH_KEYS:
         node = tree.get(section) if section else tree
-        if isinstance(node, dict) and isinstance(node.get(key), str):
-            value = node[key] = os.path.expanduser(os.path.expandvars(node[key]))
-            if key == "path" and section == "model" and not (here / value).exists():
-                continue  # hub names stay as they are
-            if not Path(value).is_absolute() and not Path(value).exists() and (here / value).exists():
-                node[key] = str(here / value)
+        if not isinstance(node, dict) or not isinstance(node.get(key), str) or not node[key]:
+            continue
+        value = os.path.expanduser(os.path.expandvars(node[key]))
+        hub = section == "model" and key in ("path", "tokenizer") and _HUB_NAME.fullmatch(value)
+        if hub and not (here / value).exists():
+            node[key] = value
+            continue
+        node[key] = value if Path(value).is_absolute() else os.path.normpath(here / value)
+
+
+def check_paths(config: RunConfig) -> None:
+    """Fail now, naming the key, if the model, tokenizer or chat template path does not exist.
+
+    Called before a run directory is created (submit, run, dry run) and again where the engine starts (a compute
+    node may not see a path the login node sees). A hub name is left to the engine, which may download it.
+    """
+    mc = config.model
+    for key, value in (("model.path", mc.path), ("model.tokenizer", mc.tokenizer)):
+        if value and not is_hub_name(value) and not Path(value).exists():
+            raise HpcRolloutError(
+                f"{key}: {value} does not exist; give a model directory (or a hub name such as Qwen/Qwen3-4B)"
+            )
+    if mc.chat_template and not Path(mc.chat_template).is_file():
+        what = "is a directory" if Path(mc.chat_template).is_dir() else "does not exist"
+        raise HpcRolloutError(f"model.chat_template: {mc.chat_template} {what}; give a Jinja template file")

@@ -2,7 +2,9 @@
 
     hpcrollout demo [--dir runs/demo]
 
-Uses configs/demo.yaml when run from the repository, else the same config embedded here.
+Uses configs/demo.yaml when run from the repository, else the same config embedded here. A config with
+``demo: true`` (configs/demo.yaml) builds the tiny model at model.path and the demo prompts at data.input where
+they are missing, so `python -m hpcrollout.submit --config configs/demo.yaml` needs no earlier step.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,16 +21,21 @@ import yaml
 from hpcrollout.config import build_config, load_config
 from hpcrollout.local import run_local
 from hpcrollout.merge import merge_run
-from hpcrollout.rundir import RunDir
+from hpcrollout.rundir import RunDir, atomic_path
 from hpcrollout.shard import prepare_run
 from hpcrollout.tinymodel import ensure_tiny_model
 
+if TYPE_CHECKING:
+    from hpcrollout.config import RunConfig
+
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_PROMPTS = 24
 EMBEDDED = {
-    "run_dir": "runs/demo/run",
+    "run_dir": "../runs/demo/run",
     "backend": "transformers",
-    "data": {"input": "runs/demo/input.parquet"},
-    "model": {"path": "runs/demo/model"},
+    "demo": True,
+    "data": {"input": "../runs/demo/input.parquet"},
+    "model": {"path": "../runs/demo/model"},
     "sampling": {"n": 4, "temperature": 0.8, "top_p": 0.95, "max_tokens": 48, "seed": 1234},
     "sharding": {"num_shards": 4},
     "checkpoint": {"every_prompts": 4, "every_seconds": 10},
@@ -61,24 +69,39 @@ def demo_prompts(n: int = 24) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
+def ensure_demo_inputs(config: RunConfig, prompts: int = DEMO_PROMPTS) -> None:
+    """demo: true: build the tiny model at model.path and the demo prompts at data.input where they are missing."""
+    if not config.demo:
+        return
+    config.require("model.path", "data.input")
+    model = Path(config.model.path)
+    if not (model / "config.json").is_file():
+        print(f"demo: building a tiny random-weight model in {model} ...", flush=True)
+    ensure_tiny_model(model)
+    data = Path(config.data.input)
+    if not data.exists():
+        with atomic_path(data) as tmp:
+            pq.write_table(demo_prompts(prompts), tmp)
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", default="runs/demo", help="where the model, input, run directory and output go")
-    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument(
+        "--prompts", type=int, default=DEMO_PROMPTS, help="prompts in the demo input (when it is built)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    base = Path(args.dir)
+    base = Path(args.dir).resolve()  # the run's config.yaml then names paths that work from anywhere
     tree = yaml.safe_load(DEMO_CONFIG.read_text()) if DEMO_CONFIG.is_file() else json.loads(json.dumps(EMBEDDED))
     tree["run_dir"], tree["data"]["input"], tree["model"]["path"] = (
         str(base / "run"),
         str(base / "input.parquet"),
         str(base / "model"),
     )
+    tree["demo"] = True
     config = build_config(tree, str(DEMO_CONFIG))
-    print(f"building a tiny model in {base / 'model'} ...")
-    ensure_tiny_model(base / "model")
-    if not Path(config.data.input).exists():
-        pq.write_table(demo_prompts(args.prompts), config.data.input)
+    ensure_demo_inputs(config, args.prompts)
     rundir = RunDir(config.run_dir)
     with rundir.lock("demo"):
         prepare_run(config)

@@ -5,8 +5,9 @@ Formats (--format):
   messages           one object per response: {"messages": [...prompt messages, {"role": "assistant", ...}], ...}
   prompt_completion  one object per response: {"prompt": [...messages], "completion": [{"role": "assistant", ...}]}
 The chat forms skip error records and null responses (counted in the summary) and add the --extra columns
-(default uid, sample_index, finish_reason) so every example can be traced back. A raw-string prompt becomes one
-user message. Output ending in .gz is gzip-compressed. Written to a temp file and renamed at the end.
+(default uid, sample_index, finish_reason, and score if the input is scored) so every example can be traced
+back. A raw-string prompt becomes one user message. Output ending in .gz is gzip-compressed. Written to a temp
+file and renamed at the end.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from hpcrollout.sources import SAMPLE_COLUMNS, Source, add_input_args, open_sour
 log = logging.getLogger("hpcrollout")
 
 FORMATS = ("rows", "messages", "prompt_completion")
-DEFAULT_EXTRA = ("uid", "sample_index", "finish_reason")
+DEFAULT_EXTRA = ("uid", "sample_index", "finish_reason", "score")  # score: only in a scored input
 
 
 @dataclass
@@ -174,7 +175,7 @@ def main(args: argparse.Namespace) -> int:
     skipped = ""
     if r.format != "rows":
         skipped = f" (skipped {r.skipped_errors:,} error records/null responses, {r.skipped_bad_prompts:,} bad prompts)"
-    print(f"wrote {r.records_out:,} {r.format} records from {r.rows_in:,} rows{skipped} -> {r.output}")
+    print(f"wrote {r.records_out:,} JSONL records ({r.format} format) from {r.rows_in:,} rows{skipped} -> {r.output}")
     return 0
 
 

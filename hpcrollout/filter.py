@@ -5,6 +5,12 @@ finish_reasons, stop_reasons, sample_seeds, token_ids, logprobs, cumulative_logp
 the same way, so the lists stay aligned; rows are kept (possibly with fewer responses) unless --drop_errors / --drop_empty_rows.
 Flattened input: rows are kept or dropped. Length and finish-reason filters apply to responses only: error
 records (no response) are kept unless --drop_errors, so failures never vanish silently.
+
+Scored input (hpcrollout score): --min_score and --correct / --incorrect select responses by their score (a null
+score, from a row without a reference, passes neither); --solve_rate LO:HI keeps the prompts whose share of correct
+responses is within [LO, HI], counted over all their scored responses before any other filter (in a flattened
+file a prompt is a run of rows with one uid; its error records go too). With --correct and a chat export, that is
+rejection-sampled SFT data.
 """
 
 from __future__ import annotations
@@ -21,6 +27,13 @@ import pyarrow.compute as pc
 
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.schema import FINISH_REASONS, INTERNAL_COLUMNS, PART_ROW
+from hpcrollout.scoring.metrics import (
+    flat_solve_rate_mask,
+    parse_solve_rate,
+    response_score_mask,
+    row_solve_rate_mask,
+    whole_prompt_batches,
+)
 from hpcrollout.sources import (
     DEFAULT_COMPRESSION,
     SAMPLE_COLUMNS,
@@ -48,9 +61,21 @@ class Criteria:
     finish_reasons: tuple[str, ...] | None = None
     drop_errors: bool = False
     drop_empty_rows: bool = False  # merged input: drop rows left with no responses (error rows included)
+    min_score: float | None = None
+    correct: bool | None = None  # True: correct responses only; False: incorrect ones only
+    solve_rate: tuple[float, float] | None = None
+    correct_threshold: float = 1.0  # a response is correct when its score is at least this
 
     def filters_responses(self) -> bool:
-        return self.min_length is not None or self.max_length is not None or self.finish_reasons is not None
+        return (
+            self.min_length is not None
+            or self.max_length is not None
+            or self.finish_reasons is not None
+            or self.filters_scores()
+        )
+
+    def filters_scores(self) -> bool:
+        return self.min_score is not None or self.correct is not None
 
 
 @dataclass
@@ -114,12 +139,16 @@ def filter_merged_batch(batch: pa.RecordBatch, c: Criteria, path: Path, first_ro
         tokens = pc.list_flatten(columns["response_tokens"]) if "response_tokens" in columns else None
         finish = pc.list_flatten(columns["finish_reasons"]) if "finish_reasons" in columns else None
         keep = _keep_responses(resp, tokens, finish, c)
+        if c.filters_scores():
+            keep &= response_score_mask(pc.list_flatten(columns["scores"]), c.min_score, c.correct, c.correct_threshold)
         new_lengths = np.bincount(parent[keep], minlength=batch.num_rows)
         for name in sample_cols:
             columns[name] = _rebuild_list(columns[name], keep, new_lengths)
     else:
         new_lengths = lengths
     row_keep = np.ones(batch.num_rows, dtype=bool)
+    if c.solve_rate is not None:  # the prompt's solve rate over all its responses, before the response filters
+        row_keep &= row_solve_rate_mask(batch.column("scores"), c.solve_rate, c.correct_threshold)
     if c.drop_errors and "error" in columns:
         row_keep &= pc.is_null(columns["error"]).to_numpy(zero_copy_only=False)
     if c.drop_empty_rows:
@@ -138,9 +167,13 @@ def filter_flat_batch(batch: pa.RecordBatch, c: Criteria) -> pa.RecordBatch:
         batch.column("finish_reason") if "finish_reason" in names else None,
         c,
     )
+    if c.filters_scores():
+        keep &= response_score_mask(batch.column("score"), c.min_score, c.correct, c.correct_threshold)
     if "error" in names:
         is_error = pc.is_valid(batch.column("error")).to_numpy(zero_copy_only=False)
         keep = np.where(is_error, not c.drop_errors, keep)
+    if c.solve_rate is not None:  # whole prompts per batch (whole_prompt_batches); error records have no rate
+        keep &= flat_solve_rate_mask(batch, c.solve_rate, c.correct_threshold)
     return batch if keep.all() else batch.filter(pa.array(keep))
 
 
@@ -152,6 +185,15 @@ def _check_columns(source: Source, c: Criteria) -> None:
         source.require("finish_reason" if flat else "finish_reasons", why="for --finish_reason")
     if c.drop_errors:
         source.require("error", why="for --drop_errors")
+    if c.filters_scores() or c.solve_rate is not None:
+        scores = "score" if flat else "scores"
+        if not source.has(scores):
+            raise HpcRolloutError(
+                f"{source.path} has no {scores!r} column, needed for --min_score/--correct/--incorrect/--solve_rate; "
+                f"score it first: hpcrollout score {source.path} --output scored.parquet --verifier ..."
+            )
+    if c.solve_rate is not None and flat:
+        source.require("uid", why="for --solve_rate on a flattened file (a prompt is a run of rows with one uid)")
 
 
 def filter_file(
@@ -189,7 +231,10 @@ def filter_file(
     report = FilterReport(input=str(source.path), output=str(out), kind=source.kind)
     resp_col = "response" if source.is_flattened else "responses"
     with parquet_output(out, schema, compression) as writer:
-        for batch in source.batches(keep_cols if len(keep_cols) != len(source.schema.names) else None):
+        batches = source.batches(keep_cols if len(keep_cols) != len(source.schema.names) else None)
+        if source.is_flattened and criteria.solve_rate is not None:
+            batches = whole_prompt_batches(batches)
+        for batch in batches:
             if source.is_flattened:
                 kept = filter_flat_batch(batch, criteria)
                 report.responses_in += batch.num_rows - batch.column(resp_col).null_count
@@ -246,6 +291,30 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Merged input: drop rows left with no responses (error rows included).",
     )
+    parser.add_argument(
+        "--min_score",
+        "--min-score",
+        type=float,
+        default=None,
+        help="Scored input: keep responses scoring at least this.",
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--correct", action="store_true", help="Scored input: keep only correct responses.")
+    which.add_argument("--incorrect", action="store_true", help="Scored input: keep only incorrect responses.")
+    parser.add_argument(
+        "--solve_rate",
+        "--solve-rate",
+        default=None,
+        metavar="LO:HI",
+        help="Scored input: keep prompts whose share of correct responses is in [LO, HI] (0.1:0.9).",
+    )
+    parser.add_argument(
+        "--correct_threshold",
+        "--correct-threshold",
+        type=float,
+        default=1.0,
+        help="A response is correct when its score is at least this (default: %(default)s).",
+    )
     parser.add_argument("--json", action="store_true", help="Print the counts as JSON.")
 
 
@@ -260,6 +329,10 @@ def main(args: argparse.Namespace) -> int:
         finish_reasons=finish,
         drop_errors=args.drop_errors,
         drop_empty_rows=args.drop_empty_rows,
+        min_score=args.min_score,
+        correct=True if args.correct else False if args.incorrect else None,
+        solve_rate=parse_solve_rate(args.solve_rate) if args.solve_rate is not None else None,
+        correct_threshold=args.correct_threshold,
     )
     r = filter_file(args.input, args.output, criteria, args.batch_rows, args.compression)
     print(json.dumps(asdict(r), indent=2) if args.json else format_report(r))

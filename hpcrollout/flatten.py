@@ -2,8 +2,9 @@
 
 Each response becomes a row: the prompt's input columns, uid, sample_index, response, response_tokens,
 finish_reason, stop_reason, sample_seed, prompt_tokens, error (+ token_ids, logprobs, cumulative_logprob,
-schema_valid when present). A row with no responses (an error record) becomes one row with null sample_index and response and its
-error kept, so failures are never dropped silently.
+schema_valid, and hpcrollout score's score and score_detail, when present). A row with no responses (an error
+record) becomes one row with null sample_index and response and its error kept, so failures are never dropped
+silently.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from hpcrollout.schema import INTERNAL_COLUMNS, PART_ROW, RESULT_COLUMNS
 from hpcrollout.sources import (
     DEFAULT_COMPRESSION,
     SAMPLE_COLUMNS,
+    SCORE_COLUMNS,
     Source,
     add_input_args,
     check_output,
@@ -45,8 +47,10 @@ def flattened_schema(merged: pa.Schema) -> pa.Schema:
     carried = [
         f for f in merged if f.name not in RESULT_COLUMNS and f.name not in INTERNAL_COLUMNS and f.name != PART_ROW
     ]
+    carried = [f for f in carried if f.name not in SCORE_COLUMNS]
+    flat_names = {v for k, v in SAMPLE_COLUMNS.items() if k not in SCORE_COLUMNS or k in merged.names}
     for f in carried:
-        if f.name in SAMPLE_COLUMNS.values() or f.name == SAMPLE_INDEX:
+        if f.name in flat_names or f.name == SAMPLE_INDEX:
             raise HpcRolloutError(
                 f"input column {f.name!r} clashes with a flattened result column of the same name; "
                 "rename it in the input before flattening"
@@ -61,7 +65,7 @@ def flattened_schema(merged: pa.Schema) -> pa.Schema:
     for name in ("prompt_tokens", "error", "lora_adapter"):
         if name in merged.names:
             fields.append(merged.field(name))
-    for name in ("token_ids", "logprobs", "cumulative_logprobs", "schema_valid"):
+    for name in ("token_ids", "logprobs", "cumulative_logprobs", "schema_valid", *SCORE_COLUMNS):
         if name in merged.names:
             fields.append(pa.field(SAMPLE_COLUMNS[name], _scalar_type(merged.field(name).type)))
     return pa.schema(fields)

@@ -49,12 +49,32 @@ def check_complete(rundir: RunDir) -> list[int]:
         shown = ", ".join(f"{s:05d}" for s in missing[:20]) + (
             f" and {len(missing) - 20} more" if len(missing) > 20 else ""
         )
+        busy = _still_running(rundir, missing)
+        if busy:
+            # resume would submit nothing for these: they are being generated; the user only has to wait
+            raise HpcRolloutError(
+                f"{rundir.root}: {len(missing)} of {n} shards are not finished ({shown}), {busy} of them still "
+                f"running or queued; wait for them (hpcrollout status {rundir.root} --watch), then merge again "
+                "(or merge what is done with --partial)"
+            )
         raise HpcRolloutError(
             f"{rundir.root}: {len(missing)} of {n} shards are not finished ({shown}); their prompts would be "
             f"missing. See: hpcrollout status {rundir.root}; finish them with: hpcrollout resume {rundir.root} "
             "(or merge what is done with --partial)"
         )
     return list(range(n))
+
+
+def _still_running(rundir: RunDir, shards: list[int]) -> int:
+    """How many of these unfinished shards are running or queued to run (status's view of the run)."""
+    from hpcrollout.status import run_status
+
+    try:
+        st = run_status(rundir.root)
+    except HpcRolloutError:
+        return 0
+    wanted = set(shards)
+    return sum(1 for e in st["shards"] if e["shard"] in wanted and e["state"] in ("running", "requeued"))
 
 
 def _rebatched(pf: pq.ParquetFile, batch_rows: int, columns: list[str] | None = None) -> Iterator[pa.Table]:
@@ -229,7 +249,7 @@ def check_merge_output(rundir: RunDir, output: str | Path) -> Path:
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir")
+    parser.add_argument("run_dir", help="the run directory (run_dir of the config)")
     parser.add_argument("--output", "-o", required=True, help="merged Parquet file to write")
     parser.add_argument("--partial", action="store_true", help="merge only the finished shards (rows will be missing)")
 

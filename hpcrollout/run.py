@@ -25,7 +25,8 @@ from hpcrollout.local import run_local
 from hpcrollout.merge import merge_run
 from hpcrollout.rundir import RunDir
 from hpcrollout.shard import prepare_run
-from hpcrollout.worker import run_task
+from hpcrollout.submit import preflight
+from hpcrollout.worker import EngineMeter, run_task
 
 log = logging.getLogger("hpcrollout")
 
@@ -52,7 +53,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", "-o", required=False, help="merged output Parquet file")
+    parser.add_argument("--output", "-o", required=True, help="merged output Parquet file")
     for flag, (key, typ, help_text) in FLAGS.items():
         names = [f"--{flag}"] + ([f"--{flag.replace('_', '-')}"] if "_" in flag else [])
         parser.add_argument(*names, dest=flag, type=typ, default=None, help=help_text or key)
@@ -68,9 +69,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     base["executor.type"] = "local"
     config = load_config(args.config, args.overrides, base)
     if not config.run_dir:
-        if not args.output:
-            raise HpcRolloutError("give --output (and optionally --run_dir)")
-        config.run_dir = str(Path(args.output).with_suffix("")) + ".run"
+        config.run_dir = str(Path(args.output).resolve().with_suffix("")) + ".run"
     return config
 
 
@@ -82,8 +81,18 @@ def check_backend(config: RunConfig) -> None:
         )
 
 
+def bar_updater(bar: Any) -> Callable[[Any, EngineMeter], None]:
+    """The per-result callback of the progress bar: one prompt more, and the engine's live generated tok/s."""
+
+    def update(result: Any, meter: EngineMeter) -> None:
+        bar.set_postfix_str(f"{meter.sample()['tokens_per_s']:,.0f} generated tok/s", refresh=False)
+        bar.update(1)
+
+    return update
+
+
 @contextlib.contextmanager
-def progress_bar(rundir: RunDir) -> Iterator[Callable[[Any], None] | None]:
+def progress_bar(rundir: RunDir) -> Iterator[Callable[[Any, EngineMeter], None] | None]:
     """A progress bar on a terminal; elsewhere (SLURM, CI, files) the worker's periodic log lines suffice."""
     if not sys.stderr.isatty():
         yield None
@@ -95,12 +104,13 @@ def progress_bar(rundir: RunDir) -> Iterator[Callable[[Any], None] | None]:
     done = sum(s["prompts"] for s in manifest["shards"] if rundir.is_done(s["shard"]))
     with tqdm(total=manifest["num_rows"], initial=done, unit="prompt", dynamic_ncols=True) as bar, \
             logging_redirect_tqdm(loggers=[log]):
-        yield lambda result: bar.update(1)
+        yield bar_updater(bar)
 
 
 def run(config: RunConfig, output: str | Path | None, *, force: bool = False) -> dict[str, Any]:
     """Prepare (or reopen) the run directory, run every task here, merge into output."""
     check_backend(config)
+    preflight(config)  # before the run directory exists: a missing model creates nothing
     rundir = RunDir(config.run_dir)
     started = time.monotonic()
     timings: dict[str, float] = {"process_start_s": _since_process_start()}

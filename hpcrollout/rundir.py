@@ -11,6 +11,8 @@ RUN_DIR/
   quarantine/parts/00000/...   part files found unreadable or foreign, set aside (never deleted); their prompts
                                are generated again
   heartbeats/00000.json        progress of the shard's current attempt
+  scores/00000.parquet         hpcrollout score: a finished shard's scores (uid, scores, score_details)
+  logs/score/                  hpcrollout score --slurm: the scoring array's submitit logs
   claims/                      dynamic mode: who works on which shard
   tasks/00000.json             SLURM task records (slurm_task.py)
   tasks/local-00000.{lock,json} local executor: held while the task is queued or runs; its pid, host, exit code
@@ -234,11 +236,23 @@ class RunDir:
         q = self.quarantine_dir
         return sorted(p for p in q.rglob("*") if p.is_file() and p.suffix != ".why") if q.is_dir() else []
 
+    def shard_scores(self, shard: int) -> Path:
+        """hpcrollout score's output for one finished shard, written atomically (its existence = scored)."""
+        return self.root / "scores" / f"{shard_name(shard)}.parquet"
+
+    @property
+    def score_logs_dir(self) -> Path:
+        return self.logs_dir / "score"
+
     # state
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
     def require(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise HpcRolloutError(
+                f"{self.root} is a file, not a run directory; give the run directory (run_dir of the config)"
+            )
         if not self.root.is_dir():
             raise HpcRolloutError(f"run directory {self.root} does not exist")
         if not self.exists():
@@ -291,6 +305,13 @@ class RunDir:
         """Shards marked done whose output is gone (deleted by hand): resume redoes them."""
         return sorted(self.marked_shards() - self._stems("outputs", ".parquet"))
 
+    def has_committed_samples(self) -> bool:
+        """Whether any sample is on disk: a done marker, a shard output or a committed part of a running shard."""
+        if self.done_shards():
+            return True
+        outputs, parts = self.shard_output(0).parent, self.parts_dir(0).parent
+        return any(outputs.glob("*.parquet")) or any(parts.glob("*/part-*.parquet"))
+
     def pending_shards(self) -> list[int]:
         done = self.done_shards()
         return [s for s in range(self.num_shards()) if s not in done]
@@ -309,7 +330,12 @@ class RunDir:
 
     @contextlib.contextmanager
     def lock(self, what: str = "submit") -> Iterator[None]:
-        """An exclusive, non-blocking lock on the run directory: a second submit gets a clear error."""
+        """An exclusive, non-blocking lock on the run directory: a second submit gets a clear error.
+
+        A run directory that is still not prepared when the lock is released (the submit failed: bad input, a
+        missing model) is left as it was found: the lock file and the directories made for it are removed.
+        """
+        made = [d for d in (self.root, *self.root.parents) if not d.exists()]  # deepest first
         path = self.root / "lock"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -336,4 +362,12 @@ class RunDir:
                 with contextlib.suppress(OSError):
                     f.seek(0)
                     f.truncate()
+                if not self.exists():  # unlinked while still held: a racing submit fails on it or makes a new one
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
+                    for d in made:
+                        try:
+                            d.rmdir()  # only if empty: whatever else is there stays
+                        except OSError:
+                            break
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -15,6 +15,7 @@ import glob
 import hashlib
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -382,13 +383,22 @@ def plan_input(config: RunConfig) -> tuple[InputFiles, np.ndarray, list[tuple[in
     return pf, work, plan_shards(work, default_num_shards(config), config.sharding.max_prompts_per_shard, fractions)
 
 
-def prepare_run(config: RunConfig, *, force: bool = False) -> RunDir:
-    """Create the run directory (config, shards, manifest) or reopen it, refusing changed generation settings."""
+def prepare_run(config: RunConfig, *, force: bool = False, busy: bool = False) -> RunDir:
+    """Create the run directory (config, shards, manifest) or reopen it, refusing changed generation settings.
+
+    While no sample has been committed anywhere in the run directory and no task of it is queued or running
+    (busy), any setting may change: the run is prepared again with the new config (a model path fixed after
+    every task failed on it needs no --force).
+    """
     config.require("run_dir", "data.input", "model.path")
     rundir = RunDir(config.run_dir)
     input_path = Path(config.data.input)
     if rundir.exists():
-        return _reopen(rundir, config, force)
+        changes = reopen_changes(rundir, config)
+        if not changes or busy or rundir.has_committed_samples():
+            return _reopen(rundir, config, force, changes)
+        log.warning("%s: nothing generated yet; preparing it again with the changed %s", rundir.root, ", ".join(changes))
+        _unprepare(rundir)
     if results := rundir.results_present():
         raise HpcRolloutError(
             f"{rundir.root} has results ({', '.join(p.name + '/' for p in results)}) but no manifest.json: sharding "
@@ -399,7 +409,11 @@ def prepare_run(config: RunConfig, *, force: bool = False) -> RunDir:
     pf, work, ranges = plan_input(config)
     fingerprint = input_fingerprint(input_path, pf)
     rundir.root.mkdir(parents=True, exist_ok=True)
-    _write_shards(pf, rundir, config, ranges)
+    try:
+        _write_shards(pf, rundir, config, ranges)
+    except BaseException:  # a half-sharded run directory is worth nothing: leave none behind
+        shutil.rmtree(rundir.shard_input(0).parent, ignore_errors=True)
+        raise
     write_atomic(rundir.config_path, config.to_yaml())
     manifest = {
         "version": MANIFEST_VERSION,
@@ -458,9 +472,17 @@ def refuse_changes(rundir: RunDir, config: RunConfig, changes: list[str]) -> Non
     )
 
 
-def _reopen(rundir: RunDir, config: RunConfig, force: bool) -> RunDir:
+def _unprepare(rundir: RunDir) -> None:
+    """Drop what preparing and starting a run wrote that depends on its config (the manifest first: an
+    interrupted reset leaves a run directory the next submit prepares from scratch); jobs.json, task records and
+    logs stay, they are history."""
+    rundir.manifest_path.unlink()
+    for d in (rundir.shard_input(0).parent, rundir.heartbeat(0).parent, rundir.claims_dir, rundir.parts_dir(0).parent):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _reopen(rundir: RunDir, config: RunConfig, force: bool, changes: list[str]) -> RunDir:
     manifest = rundir.manifest()
-    changes = reopen_changes(rundir, config)
     if changes and not force:
         refuse_changes(rundir, config, changes)
     if changes:
@@ -501,6 +523,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    from hpcrollout.submit import preflight
+
+    preflight(config)  # as submit does: a missing model is found before a run directory exists
     rundir = RunDir(config.run_dir) if config.run_dir else None
     with rundir.lock("prepare") if rundir else contextlib.nullcontext():
         rundir = prepare_run(config, force=args.force)

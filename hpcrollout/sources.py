@@ -41,7 +41,11 @@ SAMPLE_COLUMNS = {
     "logprobs": "logprobs",
     "cumulative_logprobs": "cumulative_logprob",
     "schema_valid": "schema_valid",
+    "scores": "score",  # hpcrollout score
+    "score_details": "score_detail",
 }
+# The per-sample columns hpcrollout score adds (not generation results: a user column may share their flat names).
+SCORE_COLUMNS = ("scores", "score_details")
 
 # Aim for batches of about this many (Parquet-encoded, uncompressed) bytes; long rows get fewer rows per batch.
 # Flattening 10^6 rows peaked at 392 MiB RSS with 16k-row batches, 833 MiB with 64k, for the same CPU time.

@@ -18,12 +18,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from hpcrollout.config import exact_budgets
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.local import local_active_tasks, local_task_record
 from hpcrollout.procs import pid_alive
 from hpcrollout.rundir import RunDir, read_json, static_task
+
+if TYPE_CHECKING:
+    from hpcrollout.config import RunConfig
 
 ACTIVE_STATES = {
     "PENDING",
@@ -246,7 +250,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         config = rundir.load_config()
         n, hb_every, lease_s = config.sampling.n, config.checkpoint.heartbeat_seconds, config.sharding.lease_seconds
     except HpcRolloutError:
-        n, hb_every, lease_s = 1, 30.0, 120.0
+        config, n, hb_every, lease_s = None, 1, 30.0, 120.0
     num_tasks = int(manifest["num_tasks"])
     dynamic = manifest.get("mode") == "dynamic"
     notes: list[str] = []  # damaged or surprising files, shown under the table
@@ -346,11 +350,16 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
                 samples_done=prompts * n,
                 output_tokens=int(hb.get("output_tokens_this_attempt", 0)) if hb else 0,
             )
+            if hb.get("token_budget_left") is not None:
+                entry["token_budget_left"] = int(hb["token_budget_left"])
             if state == "running":
                 age = now - float(hb.get("time", now))
                 entry.update(
-                    tokens_per_s=float(hb.get("tokens_per_s") or 0.0),
+                    tokens_per_s=float(hb.get("tokens_per_s") or 0.0),  # the shard's engine, live
+                    prompts_per_s=hb.get("prompts_per_s"),
+                    engine_id=hb.get("engine_id"),
                     eta_s=hb.get("eta_s"),
+                    eta_basis=hb.get("eta_basis"),
                     host=hb.get("host"),
                     heartbeat_age_s=round(age, 1),
                     started=hb.get("started"),
@@ -379,9 +388,14 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     prompts_total = sum(e["prompts_total"] for e in shards)
     prompts_done = sum(e["prompts_done"] for e in shards)
     running = [e for e in shards if e["state"] == "running"]
-    tps = sum(e.get("tokens_per_s", 0.0) for e in running)
-    prompt_rate = sum(e["prompts_done_this_attempt"] / max(now - float(e.get("started") or now), 1.0) for e in running)
-    eta = (prompts_total - prompts_done) / prompt_rate if prompt_rate > 0 else None
+    tps, prompt_rate = _engine_rates(running, now)
+    eta, eta_basis = None, None
+    if config is not None and exact_budgets(config):
+        if tps > 0:
+            left = sum(_token_budget_left(rundir, e, config) for e in shards if e["state"] != "done")
+            eta, eta_basis = left / tps, "tokens"
+    elif prompt_rate > 0:
+        eta, eta_basis = (prompts_total - prompts_done) / prompt_rate, "prompts"
     failed_tasks = sorted({e["task"] for e in shards if e["state"] == "failed" and e["task"] is not None})
     failures = []
     for task in failed_tasks:
@@ -414,6 +428,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "output_tokens": sum(e["output_tokens"] for e in shards),
         "tokens_per_s": round(tps, 1),
         "eta_s": None if eta is None else round(eta, 1),
+        "eta_basis": eta_basis,
         "slowest": [e["shard"] for e in slowest],
         "failed": failures,
         "claims": claim_summary(claims, len(shards) - len(done)) if dynamic else None,
@@ -421,6 +436,41 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "resume_command": f"hpcrollout resume {rundir.root}",
         "notes": notes,
     }
+
+
+def _engine_rates(running: list[dict[str, Any]], now: float) -> tuple[float, float]:
+    """Generated tokens and finished prompts per second of the running engines, each engine counted once (an
+    engine with two shards in flight reports its rate in both heartbeats); heartbeats of older versions carry
+    per-attempt rates."""
+    engines: dict[str, tuple[float, float]] = {}
+    tps = prompt_rate = 0.0
+    for e in running:
+        if e.get("engine_id") and e.get("prompts_per_s") is not None:
+            engines[e["engine_id"]] = (e["tokens_per_s"], float(e["prompts_per_s"]))
+        else:
+            tps += e.get("tokens_per_s", 0.0)
+            prompt_rate += e["prompts_done_this_attempt"] / max(now - float(e.get("started") or now), 1.0)
+    return tps + sum(t for t, _ in engines.values()), prompt_rate + sum(p for _, p in engines.values())
+
+
+def _token_budget_left(rundir: RunDir, entry: dict[str, Any], config: RunConfig) -> int:
+    """Tokens an unfinished shard has still to generate (exact budgets): its last heartbeat's count, else every
+    uncommitted prompt's n * max_tokens (the row's own with data.max_tokens_column)."""
+    if "token_budget_left" in entry:
+        return entry["token_budget_left"]
+    sp, column = config.sampling, config.data.max_tokens_column
+    left = entry["prompts_total"] - entry["prompts_done"]
+    if not column:
+        return left * sp.n * sp.max_tokens
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        budgets = pq.read_table(rundir.shard_input(entry["shard"]), columns=[column]).column(0)
+    except (OSError, ValueError):
+        return left * sp.n * sp.max_tokens
+    total = int(pc.sum(pc.fill_null(budgets, sp.max_tokens)).as_py() or 0)
+    return sp.n * total * left // max(1, entry["prompts_total"])
 
 
 def _int(value: Any) -> int | None:
@@ -525,11 +575,13 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
         f"run {st['run_dir']}: {len(st['shards'])} shards ({counts}), {st['num_tasks']} tasks, {st['mode']}",
         f"prompts {p['done']}/{p['total']} ({pct:.1f}%), samples {smp['done']}/{smp['total']}, output tokens {st['output_tokens']}",
     ]
-    tps = rate if rate is not None else st["tokens_per_s"]
-    window = f"last {RATE_WINDOW_S / 60:.0f} min" if rate is not None else "running attempts"
-    lines.append(
-        f"throughput {tps:.1f} output tok/s ({window}), ETA {_dur(st['eta_s']) if not st['complete'] else 'done'}"
-    )
+    eta = "done" if st["complete"] else _dur(st["eta_s"])
+    if st.get("eta_basis"):
+        eta += f" ({st['eta_basis']} left at the current rate)"
+    line = f"throughput {st['tokens_per_s']:,.1f} generated tok/s (running engines, live), ETA {eta}"
+    if rate is not None:
+        line += f"; committed {rate:,.1f} output tok/s over the last {RATE_WINDOW_S / 60:.0f} min"
+    lines.append(line)
     if not (st["scheduler"]["squeue"] or st["scheduler"]["sacct"]):
         lines.append("(no squeue/sacct here: states come from the run directory only)")
     elif not st["scheduler"]["sacct"]:
@@ -587,10 +639,11 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
         lines += [f"note: {n}" for n in st["notes"]]
     for f in st["failed"]:
         lines.append("")
-        what = f"task {f['task']}" + (
-            f" (job {f['job_id']}, {f['slurm_state']}, exit {f['exit_code']})" if f["job_id"] else ""
-        )
-        lines.append(f"FAILED {what}: shards {', '.join(map(str, f['shards']))}; attempts that raised: {f['failures']}")
+        cancelled = str(f["slurm_state"] or "").startswith("CANCELLED")
+        exit_code = "" if cancelled or f["exit_code"] in (None, "", "0:0") else f", exit {f['exit_code']}"
+        what = f"task {f['task']}" + (f" (job {f['job_id']}, {f['slurm_state']}{exit_code})" if f["job_id"] else "")
+        head = "CANCELLED" if cancelled else "FAILED"  # a deliberate scancel is not a failure of the task
+        lines.append(f"{head} {what}: shards {', '.join(map(str, f['shards']))}; attempts that raised: {f['failures']}")
         if f["error"]:
             lines.append(f"  error: {f['error']}")
         if f["log"]:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from hpcrollout.config import RunConfig, add_override_arg, load_config
+from hpcrollout.config import RunConfig, add_override_arg, check_paths, load_config
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.rundir import RunDir, static_task, write_json_atomic
 from hpcrollout.slurm_task import SlurmTask
@@ -150,6 +150,15 @@ def _check_task_layout(rundir: RunDir, active: dict[int, str], now: int) -> None
 
 
 # ---------------------------------------------------------------------------------------------- submit
+def preflight(config: RunConfig) -> None:
+    """What must hold before a run directory is created: the demo's model and input built (demo: true), the
+    model, tokenizer and chat template paths present."""
+    from hpcrollout.demo import ensure_demo_inputs
+
+    ensure_demo_inputs(config)
+    check_paths(config)
+
+
 def record_submission(rundir: RunDir, entry: dict[str, Any]) -> None:
     """Append one submission to RUN_DIR/jobs.json (atomically; callers hold the run directory's lock)."""
     jobs = read_jobs(rundir)
@@ -193,7 +202,8 @@ def submit_run(
     from hpcrollout.local import hold_task_locks, release_task_locks, run_local
     from hpcrollout.shard import prepare_run
 
-    config.require("run_dir")
+    config.require("run_dir", "data.input", "model.path")
+    preflight(config)
     rundir = RunDir(config.run_dir)
     locks: dict[int, int] = {}
     # a failure before the tasks start frees their locks again
@@ -203,7 +213,7 @@ def submit_run(
             add_tasks_to(config, rundir, add_tasks, active)
         if active and not is_dynamic(rundir, config):
             _check_task_layout(rundir, active, config.executor.num_tasks)
-        rundir = prepare_run(config, force=force)
+        rundir = prepare_run(config, force=force, busy=bool(active))
         wanted = tasks_with_pending_shards(rundir, active)
         if tasks is not None:
             wanted = [t for t in wanted if t in set(tasks)]
@@ -289,6 +299,7 @@ def running_tasks(rundir: RunDir, config: RunConfig) -> dict[int, str]:
 def dry_run(config: RunConfig, *, force: bool = False, out=None, add_tasks: int | None = None) -> str:
     """What submit would do, as text: shards, tasks, resources and the sbatch script. Writes nothing."""
     config.require("run_dir", "data.input", "model.path")
+    preflight(config)  # demo: true builds the demo's model and input (outside the run directory)
     config = config.model_copy(deep=True)  # --add-tasks sets executor.num_tasks: not on the caller's config
     rundir = RunDir(config.run_dir)
     lines = ["dry run: nothing is written or submitted"]
@@ -297,7 +308,7 @@ def dry_run(config: RunConfig, *, force: bool = False, out=None, add_tasks: int 
         add_tasks_to(config, rundir, add_tasks, active)
     num_tasks = config.executor.num_tasks
     if rundir.exists():
-        manifest = _reopen_check(rundir, config, force)
+        manifest = _reopen_check(rundir, config, force, busy=bool(active))
         dynamic = is_dynamic(rundir, config)
         if active and not dynamic:
             _check_task_layout(rundir, active, num_tasks)
@@ -313,12 +324,19 @@ def dry_run(config: RunConfig, *, force: bool = False, out=None, add_tasks: int 
     lines.append(
         f"input: {config.data.input} ({total} prompts x n={config.sampling.n}); model: {config.model.path}; backend: {config.backend}"
     )
-    lines.append(f"shards: {len(shards)} ({len(pending)} to run), tasks: {num_tasks} ({config.sharding.mode})")
+    busy = [s for s in pending if not dynamic and static_task(s["shard"], num_tasks) in active]
+    counts = f"{len(pending) - len(busy)} to run" + (f", {len(busy)} queued or running" if busy else "")
+    lines.append(f"shards: {len(shards)} ({counts}), tasks: {num_tasks} ({config.sharding.mode})")
     lines.append(f"  {'shard':>5} {'rows':>17} {'prompts':>8} {'est_work':>10} {'task':>5} state")
     for s in shards:
         a, b = s["rows"]
-        state = "done" if s["shard"] in done else "to run"
         task = static_task(s["shard"], num_tasks) if not dynamic else "-"
+        if s["shard"] in done:
+            state = "done"
+        elif not dynamic and task in active:  # its task is queued or running: not submitted again
+            state = f"queued or running (job {active[task]})"
+        else:
+            state = "to run"
         lines.append(f"  {s['shard']:>5} {f'{a}-{b}':>17} {b - a:>8} {s.get('est_work', 0):>10.0f} {task:>5} {state}")
     lines += active_lines(active, "would not be resubmitted")
     if dynamic and active and tasks:
@@ -349,13 +367,13 @@ def _plan_shards(config: RunConfig) -> list[dict[str, Any]]:
     return [{"shard": i, "rows": [a, b], "est_work": float(work[a:b].sum())} for i, (a, b) in enumerate(ranges)]
 
 
-def _reopen_check(rundir: RunDir, config: RunConfig, force: bool) -> dict[str, Any]:
+def _reopen_check(rundir: RunDir, config: RunConfig, force: bool, busy: bool = False) -> dict[str, Any]:
     """The refusal prepare_run would give on reopening, without its writes."""
     from hpcrollout import shard
 
     manifest = rundir.manifest()
     changes = shard.reopen_changes(rundir, config)
-    if changes and not force:
+    if changes and not force and (busy or rundir.has_committed_samples()):
         shard.refuse_changes(rundir, config, changes)
     return manifest
 
@@ -399,6 +417,8 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"ran {len(result['tasks'])} local task(s); {len(failed)} failed")
         if failed:
             lines.append(f"see hpcrollout status {run_dir}; rerun the failed ones with: hpcrollout resume {run_dir}")
+        else:
+            lines.append(f"merge with: hpcrollout merge {run_dir} --output OUT.parquet")
     return "\n".join(lines)
 
 

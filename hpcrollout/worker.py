@@ -21,6 +21,7 @@ import socket
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hpcrollout.config import RunConfig
+from hpcrollout.config import RunConfig, exact_budgets
 from hpcrollout.engines import Engine, PromptRequest, PromptResult, create_engine, prompt_seed
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.prompts import BadPrompt, normalize_prompt
@@ -127,11 +128,66 @@ def usable_parts(
     return good
 
 
+class EngineMeter:
+    """Live throughput of one engine, shared by every shard it has in flight.
+
+    Generated tokens per second come from the engine's own counter (Engine.tokens_generated: samples still
+    decoding count), else from finished prompts; both over the last WINDOW_S seconds. The figure belongs to the
+    engine, not to a shard attempt, so a shard opened a second ago shows the engine's rate, not 0, and a long
+    prompt's tokens count while it is generated, not only when it finishes.
+    """
+
+    WINDOW_S = 60.0
+    MIN_SAMPLE_S = 0.5  # reading vLLM's counters costs a registry walk: not more often than this
+
+    def __init__(self, engine: Engine, clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine, self.clock = engine, clock
+        self.id = uuid.uuid4().hex[:8]
+        self.finished_tokens = 0
+        self.prompts = 0
+        self.open_shards = 0
+        self._base = engine.tokens_generated()
+        self._live: int | None = 0 if self._base is not None else None
+        self._read_at = clock()
+        self.history: deque[tuple[float, int, int]] = deque([(self._read_at, 0, 0)])
+
+    def add(self, result: PromptResult) -> None:
+        self.finished_tokens += sum(s.num_tokens for s in result.samples)
+        self.prompts += 1
+
+    def sample(self) -> dict[str, Any]:
+        """engine_id, engine_tokens (generated since the meter started, in-flight samples included where the
+        engine counts them), inflight_tokens, tokens_per_s and prompts_per_s, now."""
+        now = self.clock()
+        if self._base is not None and now - self._read_at >= self.MIN_SAMPLE_S:
+            live = self.engine.tokens_generated()
+            self._live, self._read_at = (None if live is None else live - self._base), now
+        tokens = self.finished_tokens if self._live is None else max(self._live, self.finished_tokens)
+        if now - self.history[-1][0] >= self.MIN_SAMPLE_S:
+            self.history.append((now, tokens, self.prompts))
+        while len(self.history) > 2 and now - self.history[1][0] >= self.WINDOW_S:
+            self.history.popleft()  # the oldest kept is the newest at least WINDOW_S old
+        t0, k0, p0 = self.history[0]
+        dt = now - t0
+        return {
+            "engine_id": self.id,
+            "engine_tokens": tokens,
+            "inflight_tokens": tokens - self.finished_tokens,
+            "tokens_per_s": round((tokens - k0) / dt, 1) if dt > 0 else 0.0,
+            "prompts_per_s": round((self.prompts - p0) / dt, 4) if dt > 0 else 0.0,
+        }
+
+
 class ShardRun:
     """One attempt at one shard."""
 
-    def __init__(self, rundir: RunDir, shard: int, config: RunConfig, engine: Engine) -> None:
+    def __init__(
+        self, rundir: RunDir, shard: int, config: RunConfig, engine: Engine, meter: EngineMeter | None = None
+    ) -> None:
         self.rundir, self.shard, self.config, self.engine = rundir, shard, config, engine
+        self.meter = meter or EngineMeter(engine)
+        self.budgets: dict[int, int] | None = None  # row -> n * max_tokens of each uncommitted row (exact budgets)
+        self.budget_left = 0
         self.schema = run_result_schema(config)
         self.pending: list[PromptResult] = []
         self.inflight: list[PromptResult] = []
@@ -174,11 +230,17 @@ class ShardRun:
         if not force and now - self.last_heartbeat < self.config.checkpoint.heartbeat_seconds:
             return
         self.last_heartbeat = now
-        elapsed = max(time.time() - self.started, 1e-9)
-        tps = self.tokens_now / elapsed
+        live = self.meter.sample()
         done = self.done_before + self.done_now
         remaining = self.total - done
-        eta = remaining / (self.done_now / elapsed) if self.done_now else None
+        eta, basis = None, None
+        if self.budgets is not None and live["tokens_per_s"] > 0:
+            # tokens still to generate: the uncommitted rows' budgets, less what is decoding now (when this is the
+            # engine's only shard, those in-flight tokens are this shard's)
+            left = self.budget_left - (live["inflight_tokens"] if self.meter.open_shards <= 1 else 0)
+            eta, basis = max(0, left) / live["tokens_per_s"], "tokens"
+        elif live["prompts_per_s"] > 0:
+            eta, basis = remaining / live["prompts_per_s"], "prompts"
         self.rundir.write_heartbeat(
             self.shard,
             state=state,
@@ -189,17 +251,22 @@ class ShardRun:
             prompts_done_this_attempt=self.done_now,
             samples_done_this_attempt=self.samples_now,
             output_tokens_this_attempt=self.tokens_now,
-            tokens_per_s=round(tps, 1),
+            tokens_per_s=live["tokens_per_s"],  # generated by this shard's engine (all its shards in flight)
+            prompts_per_s=live["prompts_per_s"],
+            engine_id=live["engine_id"],
+            engine_tokens=live["engine_tokens"],
+            token_budget_left=self.budget_left if self.budgets is not None else None,
             eta_s=None if eta is None else round(eta, 1),
+            eta_basis=basis,
         )
         if state == "running":
             log.info(
-                "shard %05d: %d/%d prompts, %.0f output tok/s%s",
+                "shard %05d: %d/%d prompts, %.0f generated tok/s%s",
                 self.shard,
                 done,
                 self.total,
-                tps,
-                "" if eta is None else f", eta {eta / 60:.1f} min",
+                live["tokens_per_s"],
+                "" if eta is None else f", eta {eta / 60:.1f} min ({basis} left)",
             )
 
     # generating
@@ -252,6 +319,9 @@ class ShardRun:
         self.done_now += 1
         self.samples_now += len(result.samples)
         self.tokens_now += sum(s.num_tokens for s in result.samples)
+        self.meter.add(result)
+        if self.budgets is not None:
+            self.budget_left -= self.budgets.pop(result.row, 0)
 
     def open(self) -> None:
         """Read what earlier attempts committed; the rows found there are not generated again."""
@@ -261,8 +331,23 @@ class ShardRun:
         self.skip = {row for t in parts for row in t.column(PART_ROW).to_pylist()}
         self.done_before = len(self.skip)
         self.submitted = False
+        if exact_budgets(self.config):
+            self.budgets = self._budgets()
+            self.budget_left = sum(self.budgets.values())
         log.info("shard %05d: %d prompts, %d already committed", self.shard, self.total, len(self.skip))
         self.heartbeat(force=True)
+
+    def _budgets(self) -> dict[int, int]:
+        """n * max_tokens (the row's own, with data.max_tokens_column) of every row not committed yet."""
+        sp, column = self.config.sampling, self.config.data.max_tokens_column
+        table = pq.read_table(self.rundir.shard_input(self.shard), columns=[ROW] + ([column] if column else []))
+        rows = table.column(ROW).to_pylist()
+        limits = table.column(column).to_pylist() if column else [None] * len(rows)
+        return {
+            r: sp.n * (m if isinstance(m, int) and m > 0 else sp.max_tokens)
+            for r, m in zip(rows, limits)
+            if r not in self.skip
+        }
 
     def complete(self) -> bool:
         return self.submitted and self.done_before + self.done_now >= self.total
@@ -410,7 +495,7 @@ class TaskRunner:
 
     def __init__(
         self, rundir: RunDir, config: RunConfig, engine: Engine, source: ShardSource,
-        on_result: Callable[[PromptResult], None] | None = None,
+        on_result: Callable[[PromptResult, EngineMeter], None] | None = None,
     ) -> None:
         self.rundir, self.config, self.engine, self.source = rundir, config, engine, source
         self.on_result = on_result
@@ -419,6 +504,7 @@ class TaskRunner:
         self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish-shard")
         self.finishing: list[Future] = []
         self.ranges = {s["shard"]: s["rows"] for s in rundir.manifest()["shards"]}
+        self.meter = EngineMeter(engine)
 
     def _open_next(self, block: bool) -> ShardRun | None:
         while True:
@@ -432,8 +518,9 @@ class TaskRunner:
             if self.rundir.shard_output(shard).exists():  # died between output and marker: only the marker is missing
                 self._finish_async(shard, None)
                 continue
-            run = ShardRun(self.rundir, shard, self.config, self.engine)
+            run = ShardRun(self.rundir, shard, self.config, self.engine, self.meter)
             run.start, run.end = self.ranges[shard]
+            self.meter.open_shards = len(self.runs) + 1
             run.open()
             self.runs[shard] = _active[shard] = run
             return run
@@ -457,6 +544,7 @@ class TaskRunner:
     def _finish(self, run: ShardRun) -> None:
         run.commit(force=True)
         del self.runs[run.shard]
+        self.meter.open_shards = len(self.runs)
         _active.pop(run.shard, None)
         self._finish_async(run.shard, run)
 
@@ -495,7 +583,7 @@ class TaskRunner:
                         run = self._owner(result.row)
                         run.add(result)
                         if self.on_result is not None:
-                            self.on_result(result)
+                            self.on_result(result, self.meter)
                         run.commit()
                         run.heartbeat()
                         if run.complete():
@@ -547,7 +635,8 @@ def task_shards(rundir: RunDir, task_id: int, num_tasks: int | None = None) -> l
 
 def run_task(
     run_dir: str | Path, task_id: int, *, shards: list[int] | None = None, num_tasks: int | None = None,
-    should_stop: Callable[[], bool] | None = None, on_result: Callable[[PromptResult], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_result: Callable[[PromptResult, EngineMeter], None] | None = None,
 ) -> dict[str, Any]:
     """What one array task does: its shards (static) or claimed shards (dynamic), through one engine.
 

@@ -73,15 +73,58 @@ def job_states(job_id: str) -> dict[str, str]:
     return dict(line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2)
 
 
-def wait_for_jobs(job_ids: list[str], timeout: float = 300) -> None:
-    """Wait until none of these array jobs has a task queued or running (no timed asserts: a generous bound)."""
+# Scheduler states after which a job (or one attempt of it) does nothing more. REQUEUED is not one of them:
+# with `sacct -D` a requeued attempt is its own line and the next attempt follows.
+TERMINAL_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+)
+
+
+def sacct_history(job_id: str) -> list[tuple[str, str]] | None:
+    """(JobID, State) of every attempt of a job or array, requeued ones included, oldest first; None if sacct fails."""
+    proc = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "JobID,State"], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        return None  # slurmdbd busy: unknown, never "nothing recorded"
+    rows = [line.split("|")[:2] for line in proc.stdout.splitlines() if "|" in line]
+    # "CANCELLED by 0" -> "CANCELLED"
+    return [(job, state.split()[0] if state else "UNKNOWN") for job, state in rows]
+
+
+def final_states(job_id: str) -> dict[str, list[str]] | None:
+    """Each array task's (or the plain job's) states, oldest attempt first, once accounting shows every one of
+    them ended; None while any is queued, running or not recorded yet."""
+    history = sacct_history(job_id)
+    if not history:
+        return None
+    by_task: dict[str, list[str]] = {}
+    for job, state in history:
+        by_task.setdefault(job, []).append(state)
+    if all(states[-1] in TERMINAL_STATES for states in by_task.values()):
+        return by_task
+    return None
+
+
+def wait_for_jobs(job_ids: list[str], timeout: float = 300) -> dict[str, list[str]]:
+    """Wait until none of these jobs has a task queued or running (squeue) and accounting (sacct, which lags
+    squeue: slurmdbd records a job's end a moment after it leaves the queue) shows every task's final state.
+
+    Returns {task job id: [state of each attempt, oldest first]}, e.g. {"12_0": ["REQUEUED", "COMPLETED"]}, so a
+    test asserts the accounting it waited for. No timed asserts: a generous bound, then the jobs are cancelled.
+    """
     deadline = time.time() + timeout
     while time.time() < deadline:
         if not any(job_states(j) for j in job_ids):
-            return
+            finals = [final_states(j) for j in job_ids]
+            if all(f is not None for f in finals):
+                return {task: states for f in finals for task, states in f.items()}  # type: ignore[union-attr]
         time.sleep(0.5)
     subprocess.run(["scancel", *job_ids])
-    raise AssertionError(f"jobs {job_ids} still queued or running after {timeout}s; cancelled them")
+    raise AssertionError(
+        f"jobs {job_ids} not ended in squeue and sacct after {timeout}s "
+        f"(squeue: {[job_states(j) for j in job_ids]}, sacct: {[sacct_history(j) for j in job_ids]}); cancelled them"
+    )
 
 
 def wait_until(condition, timeout: float = 240, what: str = "condition", interval: float = 0.1) -> None:  # noqa: ANN001
@@ -92,14 +135,6 @@ def wait_until(condition, timeout: float = 240, what: str = "condition", interva
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def sacct_history(job_id: str) -> list[tuple[str, str]]:
-    """(JobID, State) of every attempt of an array job, requeued ones included."""
-    out = subprocess.run(
-        ["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "JobID,State"], capture_output=True, text=True
-    ).stdout
-    return [tuple(line.split("|")[:2]) for line in out.splitlines() if "|" in line]  # type: ignore[misc]
 
 
 def freeze_when(pid_of, condition, what: str) -> int:  # noqa: ANN001

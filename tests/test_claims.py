@@ -118,12 +118,12 @@ CHILD = textwrap.dedent(
 )
 
 
-def _killed_claimant(run_dir) -> None:
+def _killed_claimant(run_dir, lease_s: float) -> None:
     """A child process claims unit 0, renews it from its keeper thread, and is SIGKILLed."""
     flag = run_dir.root / "claimed"
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(run_dir.root), "1.0", str(flag)])
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(run_dir.root), str(lease_s), str(flag)])
     try:
-        for _ in range(600):
+        for _ in range(1200):
             if flag.exists() or child.poll() is not None:
                 break
             time.sleep(0.05)
@@ -135,7 +135,7 @@ def _killed_claimant(run_dir) -> None:
 
 def test_killed_claimant_on_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
     run_dir = make_run_dir(tmp_path)
-    _killed_claimant(run_dir)
+    _killed_claimant(run_dir, 1.0)
     board = ClaimBoard(run_dir, "rescuer", order=[0, 1], lease_s=600.0, margin_s=0.05)
     assert board.status()[0]["state"] == "dead"
     first = board.claim_next(lambda s: False)  # its pid is gone: no lease to wait out (600 s here)
@@ -147,21 +147,34 @@ def test_killed_claimant_on_this_host_is_taken_over_at_once(tmp_path: Path) -> N
 
 
 def test_killed_claimant_elsewhere_is_reclaimed_after_its_lease(tmp_path: Path) -> None:
+    """A holder on another host (whether it lives cannot be told from here) is taken over once its lease has run
+    out, and not before; meanwhile a free unit is claimed first. The rescuer reads time from a clock placed
+    against the dead holder's recorded lease, so no assertion depends on how long the machine takes."""
     run_dir = make_run_dir(tmp_path)
-    _killed_claimant(run_dir)
+    lease_s = 60.0
+    _killed_claimant(run_dir, lease_s)
     g0 = run_dir.claims_dir / "00000.g0"
     data = json.loads(g0.read_text())
-    g0.write_text(json.dumps({**data, "host": "another-node"}))  # whether it lives cannot be told from here
-    time.sleep(0.6)  # past half the lease: the child has surely missed a renewal, so the unit is suspect
-    board = ClaimBoard(run_dir, "rescuer", order=[0, 1], lease_s=1.0, margin_s=0.05)
-    first = board.wait_for_claim(lambda s: False)
+    g0.write_text(json.dumps({**data, "host": "another-node"}))
+    until = data["lease_until"]
+    # a quarter lease before the dead child's lease ends: it has missed renewals (suspect) but is not expired
+    clock = FakeClock(until - lease_s / 4)
+
+    def sleep(seconds: float) -> None:
+        clock.now += seconds
+
+    board = ClaimBoard(run_dir, "rescuer", order=[0, 1], lease_s=lease_s, margin_s=0.05, clock=clock)
+    first = board.wait_for_claim(lambda s: False, sleep=sleep)
     assert first is not None and first.shard == 1  # the free unit first: live-looking holders are not waited for
-    second = board.wait_for_claim(lambda s: False)  # then wait out the dead child's lease and take its unit
+    assert clock.now == until - lease_s / 4  # and it was taken without waiting
+    # then it waits out the dead child's lease and takes its unit
+    second = board.wait_for_claim(lambda s: False, sleep=sleep)
     assert second is not None and (second.shard, second.generation) == (0, 1)
+    assert clock.now > until + 0.05  # not before the lease (plus the clock margin) ran out
     assert board.status()[0]["owner"] == "rescuer"
     for claim in (first, second):
         board.release(claim)
-    assert board.wait_for_claim(lambda s: s in (0, 1)) is None
+    assert board.wait_for_claim(lambda s: s in (0, 1), sleep=sleep) is None
 
 
 def test_live_holders_are_not_waited_for_and_expiry_is_reclaimed(tmp_path: Path) -> None:

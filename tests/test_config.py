@@ -69,3 +69,28 @@ def test_shipped_configs_are_valid():
 
     for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_template_lists_every_key_with_its_default():
+    """configs/template.yaml claims to be every key with its default: it is, key for key, value for value."""
+    from pathlib import Path
+
+    import yaml
+
+    from hpcrollout.config import RunConfig
+
+    template = yaml.safe_load(Path(__file__).parent.parent.joinpath("configs", "template.yaml").read_text())
+    assert template == RunConfig().model_dump(mode="json")
+
+
+def test_relative_paths_resolve_against_the_config_file_and_the_command_line_against_the_cwd(tmp_path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    p = tmp_path / "conf" / "c.yaml"
+    p.write_text("run_dir: ../runs/r\ndata: {input: in.parquet}\nmodel: {path: models/tiny/v1, tokenizer: Qwen/Qwen3-4B}\n")
+    monkeypatch.chdir(tmp_path)
+    c = load_config(p)
+    assert c.run_dir == str(tmp_path / "runs" / "r") and c.data.input == str(tmp_path / "conf" / "in.parquet")
+    assert c.model.path == str(tmp_path / "conf" / "models" / "tiny" / "v1")  # a path, though it does not exist
+    assert c.model.tokenizer == "Qwen/Qwen3-4B"  # a hub name stays one
+    c = load_config(p, ["data.input=other.parquet"], base={"run_dir": "here"})
+    assert c.data.input == str(tmp_path / "other.parquet") and c.run_dir == str(tmp_path / "here")

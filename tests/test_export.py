@@ -106,5 +106,5 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = str(write_merged(tmp_path / "m.parquet"))
     args = parser.parse_args([src, "--output", str(tmp_path / "o.jsonl"), "--format", "messages", "--extra", ""])
     assert export_mod.main(args) == 0
-    assert "wrote 11 messages records from 4 rows (skipped 1 error records/null responses" in capsys.readouterr().out
+    assert "wrote 11 JSONL records (messages format) from 4 rows (skipped 1 error records/null responses" in capsys.readouterr().out
     assert set(_lines(tmp_path / "o.jsonl")[0]) == {"messages"}

@@ -60,3 +60,18 @@ def test_iter_merged_batches_streams(finished):
     schema, batches = iter_merged_batches(rundir.root, batch_rows=4)
     sizes = [b.num_rows for b in batches]
     assert sum(sizes) == 10 and max(sizes) <= 4 and "responses" in schema.names
+
+
+def test_merge_of_a_run_still_running_says_wait_not_resume(tmp_path, tiny_model):
+    """resume would submit nothing for a shard being generated: merge says to wait for it."""
+    import time
+
+    from hpcrollout.rundir import write_json_atomic
+
+    inp = write_input(tmp_path / "in.parquet", make_prompts(4))
+    rundir = prepare_run(make_config(tmp_path, tiny_model, inp))
+    write_json_atomic(rundir.root / "jobs.json", {"submissions": [{"executor": "local", "tasks": [0], "time": time.time()}]})
+    rundir.write_heartbeat(0, state="running", prompts_total=4, prompts_done=1, started=time.time())  # this live pid
+    with pytest.raises(HpcRolloutError, match=r"1 of them still running or queued; wait for them .*--watch") as err:
+        merge_run(rundir.root, tmp_path / "m.parquet")
+    assert "hpcrollout resume" not in str(err.value)

@@ -9,6 +9,7 @@ from hpcrollout.errors import HpcRolloutError
 from hpcrollout.rundir import RunDir
 from hpcrollout.schema import ROW, UID
 from hpcrollout.shard import plan_shards, prepare_run
+from hpcrollout.worker import run_task
 from tests.conftest import make_config, make_prompts, write_input
 
 
@@ -54,7 +55,7 @@ def test_id_column_gives_uids(tmp_path, tiny_model):
 
 def test_reopen_refuses_changed_generation_settings(tmp_path, tiny_model):
     inp = write_input(tmp_path / "in.parquet", make_prompts(5))
-    prepare_run(make_config(tmp_path, tiny_model, inp))
+    run_task(prepare_run(make_config(tmp_path, tiny_model, inp)).root, 0)  # samples committed: settings are fixed
     with pytest.raises(HpcRolloutError, match=r"sampling settings[\s\S]*sampling.temperature: 1.0 -> 0.5"):
         prepare_run(make_config(tmp_path, tiny_model, inp, sampling={"temperature": 0.5}))
     write_input(inp, make_prompts(6))
@@ -66,6 +67,24 @@ def test_reopen_refuses_changed_generation_settings(tmp_path, tiny_model):
     # resources may change freely
     prepare_run(make_config(tmp_path, tiny_model, inp, sampling={"temperature": 0.5}, executor={"num_tasks": 3}), force=True)
     assert RunDir(tmp_path / "run").manifest()["num_tasks"] == 3
+
+
+def test_any_setting_may_change_while_nothing_is_committed(tmp_path, tiny_model):
+    """Every task failed before committing a sample (a wrong model path): resume with any change, no --force."""
+    inp = write_input(tmp_path / "in.parquet", make_prompts(5))
+    rundir = prepare_run(make_config(tmp_path, tiny_model, inp))
+    rundir.write_heartbeat(0, state="running", prompts_done=0)  # an attempt that started, then died
+    changed = make_config(tmp_path, tiny_model, write_input(tmp_path / "in.parquet", make_prompts(6)), sampling={"temperature": 0.5})
+    with pytest.raises(HpcRolloutError, match="sampling settings"):  # not while a task of the run is queued or running
+        prepare_run(changed, busy=True)
+    rundir = prepare_run(changed)
+    assert rundir.load_config().sampling.temperature == 0.5 and "forced" not in rundir.manifest()
+    assert rundir.manifest()["num_rows"] == 6 and pq.read_table(rundir.shard_input(0)).num_rows == 6  # sharded again
+    assert not rundir.heartbeat(0).exists()
+    # once a sample is committed, the settings are those of the samples
+    run_task(rundir.root, 0)
+    with pytest.raises(HpcRolloutError, match="sampling settings"):
+        prepare_run(make_config(tmp_path, tiny_model, inp, sampling={"temperature": 0.7}))
 
 
 @pytest.mark.slow
@@ -96,8 +115,8 @@ def test_dynamic_mode_plans_shrinking_units():
 def test_reopen_refuses_a_sharding_mode_change_without_force(tmp_path, tiny_model):
     inp = write_input(tmp_path / "in.parquet", make_prompts(5))
     prepare_run(make_config(tmp_path, tiny_model, inp))
-    with pytest.raises(HpcRolloutError, match=r"sharding.mode \(static -> dynamic"):
-        prepare_run(make_config(tmp_path, tiny_model, inp, sharding={"mode": "dynamic"}))
+    with pytest.raises(HpcRolloutError, match=r"sharding.mode \(static -> dynamic"):  # tasks of the run are queued
+        prepare_run(make_config(tmp_path, tiny_model, inp, sharding={"mode": "dynamic"}), busy=True)
     rundir = prepare_run(make_config(tmp_path, tiny_model, inp, sharding={"mode": "dynamic"}), force=True)
     assert rundir.manifest()["mode"] == "dynamic"
 

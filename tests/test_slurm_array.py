@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pyarrow.parquet as pq
 import pytest
@@ -38,17 +39,22 @@ def test_array_completes_exactly_once_with_gpu_tensor_parallel(slurm_cluster, ti
         "array",
         sharding={"num_shards": 6},
         executor={"num_tasks": 3},
-        slurm={"gpus_per_task": 2},
+        slurm={"gpus_per_task": 2, "additional_parameters": {"hold": True}},  # queued until released below
     )
     result = submit_run(config)
-    assert result["tasks"] == [0, 1, 2] and result["job_id"]
+    try:
+        assert result["tasks"] == [0, 1, 2] and result["job_id"]
+        # Submitting again while the array is queued submits nothing (no task runs twice). The array is held,
+        # so it is queued for certain, however fast the tasks would have been.
+        again = submit_run(config)
+        assert again["tasks"] == []
+        assert sorted(again["active"]) == [0, 1, 2]
+    finally:
+        subprocess.run(["scontrol", "release", result["job_id"]], check=True)
 
-    # Submitting again while the array is queued or running submits nothing (no task runs twice).
-    again = submit_run(config)
-    assert again["tasks"] == []
-    assert sorted(again["active"]) == [0, 1, 2]
-
-    wait_for_jobs([result["job_id"]])
+    history = wait_for_jobs([result["job_id"]])
+    assert sorted(history) == [f"{result['job_id']}_{i}" for i in range(3)]
+    assert all(states == ["COMPLETED"] for states in history.values()), history
     rundir = RunDir(config.run_dir)
     assert rundir.done_shards() == set(range(6))
     for shard in range(6):

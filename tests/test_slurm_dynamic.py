@@ -135,7 +135,9 @@ def test_dynamic_array_completes_once_and_an_added_task_joins(slurm_cluster, tin
         tiny_model,
         inp,
         "dynamic",
-        sharding={"mode": "dynamic", "num_shards": N_SHARDS, "lease_seconds": 60},
+        # a lease far longer than the test: the frozen holders' claims stay held (not expired) however long the
+        # added task takes to start on a loaded machine, which the status assertions below rely on
+        sharding={"mode": "dynamic", "num_shards": N_SHARDS, "lease_seconds": 1800},
         executor={"num_tasks": 2},
         checkpoint={"every_prompts": 1},
     )
@@ -188,7 +190,8 @@ def test_dynamic_array_completes_once_and_an_added_task_joins(slurm_cluster, tin
     finally:
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
-    wait_for_jobs([first["job_id"], added])
+    history = wait_for_jobs([first["job_id"], added])
+    assert len(history) == 3 and all(states[-1] == "COMPLETED" for states in history.values()), history
 
     assert rundir.done_shards() == set(range(N_SHARDS))
     for task in (0, 1, 2):

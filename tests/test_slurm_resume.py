@@ -19,7 +19,7 @@ from hpcrollout.status import latest_jobs, run_status
 from hpcrollout.submit import submit_run
 from hpcrollout.worker import committed_parts, read_rows, run_task
 from tests.conftest import make_prompts, write_input
-from tests.slurm_fixtures import freeze_when, sacct_history, sample_keys, wait_for_jobs, wait_signal_pending, wait_until
+from tests.slurm_fixtures import freeze_when, sample_keys, wait_for_jobs, wait_signal_pending, wait_until
 from tests.test_slurm_array import slurm_config
 
 pytestmark = pytest.mark.slurm
@@ -66,7 +66,7 @@ def test_scancel_midway_then_resume(slurm_cluster, tiny_model, tmp_path, referen
     (job,) = latest_jobs(rundir).values()
     freeze_when(lambda: read_task_record(rundir, 0).get("pid"), lambda: _parts(rundir) >= 2, "2 committed parts")
     subprocess.run(["scancel", job], check=True)  # SLURM sends SIGCONT, SIGTERM, and SIGKILL after KillWait
-    wait_for_jobs([first["job_id"]])
+    assert wait_for_jobs([first["job_id"]]) == {job: ["CANCELLED"]}
     committed = len(set(read_rows(committed_parts(rundir, 0))))
     assert 2 <= committed < N_PROMPTS and not rundir.is_done(0)
     wait_until(lambda: run_status(rundir.root)["counts"].get("failed") == 1, what="status to show the cancelled task")
@@ -75,7 +75,7 @@ def test_scancel_midway_then_resume(slurm_cluster, tiny_model, tmp_path, referen
     assert "submitted array job" in capsys.readouterr().out
     (job2,) = latest_jobs(rundir).values()
     assert job2 != job
-    wait_for_jobs([job2])
+    assert wait_for_jobs([job2]) == {job2: ["COMPLETED"]}
     marker = read_json(rundir.done_marker(0))
     assert marker["prompts_this_attempt"] <= N_PROMPTS - committed  # committed prompts were not generated again
     _assert_merged_equals(rundir, tmp_path / "merged.parquet", expected)
@@ -93,13 +93,13 @@ def test_pre_timeout_signal_requeues_and_finishes(slurm_cluster, tiny_model, tmp
     wait_signal_pending(pid, signal.SIGUSR2)
     os.kill(pid, signal.SIGCONT)
     wait_until(lambda: read_task_record(rundir, 0).get("requeues") == 1, what="the checkpoint to record a requeue")
-    wait_for_jobs([result["job_id"]])
+    # waits for sacct to record the final state too (slurmdbd lags squeue): once, a single read saw RUNNING
+    history = wait_for_jobs([result["job_id"]])
 
     assert rundir.is_done(0)
     record = read_task_record(rundir, 0)
     assert record["state"] == "done" and record["attempts"] == 2 and record["requeues"] == 1
-    states = [s for j, s in sacct_history(result["job_id"]) if j == job]
-    assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", states
+    assert history[job] == ["REQUEUED", "COMPLETED"], history
     marker = read_json(rundir.done_marker(0))
     assert marker["prompts_this_attempt"] < N_PROMPTS  # the requeued attempt continued, it did not start over
     st = run_status(rundir.root)
@@ -122,7 +122,8 @@ def test_failing_task_is_reported_and_resume_reruns_only_it(slurm_cluster, tiny_
     good = rundir.shard_input(1).read_bytes()
     rundir.shard_input(1).write_bytes(b"this is not a parquet file")  # task 1 raises on every attempt
     first = submit_run(config)
-    wait_for_jobs([first["job_id"]])
+    history = wait_for_jobs([first["job_id"]])
+    assert history[f"{first['job_id']}_0"] == ["COMPLETED"] and history[f"{first['job_id']}_1"][-1] == "FAILED", history
 
     assert rundir.done_shards() == {0}
     record = read_task_record(rundir, 1)
@@ -140,7 +141,7 @@ def test_failing_task_is_reported_and_resume_reruns_only_it(slurm_cluster, tiny_
     assert _resume(rundir.root) == 0
     jobs = read_json(rundir.root / "jobs.json")["submissions"]
     assert jobs[-1]["tasks"] == [1]  # only the failed task is resubmitted
-    wait_for_jobs([jobs[-1]["job_id"]])
+    assert all(states == ["COMPLETED"] for states in wait_for_jobs([jobs[-1]["job_id"]]).values())
     assert rundir.done_shards() == {0, 1}
     assert read_task_record(rundir, 1)["state"] == "done"
     merge_run(rundir.root, tmp_path / "merged.parquet")

@@ -99,3 +99,21 @@ def test_local_submit_failed_task_is_reported_with_its_log(tiny_model, tmp_path)
     st = run_status(rundir.root)
     assert {e["shard"]: e["state"] for e in st["shards"]} == {0: "done", 1: "failed"}
     assert "Parquet magic bytes not found" in st["failed"][0]["log_tail"]
+
+
+def test_a_deliberate_scancel_reads_as_cancelled_not_failed():
+    """sacct says CANCELLED, exit 0:0: the report says CANCELLED, without a meaningless exit code."""
+    from hpcrollout.status import format_status as fmt
+
+    st = {
+        "run_dir": "/r", "prompts": {"done": 0, "total": 4}, "samples": {"done": 0, "total": 4}, "counts": {"failed": 1},
+        "shards": [], "num_tasks": 1, "mode": "static", "output_tokens": 0, "tokens_per_s": 0.0, "eta_s": None,
+        "complete": False, "scheduler": {"squeue": True, "sacct": True}, "tasks": [], "slowest": [],
+        "resume_command": "hpcrollout resume /r", "claims": None,
+        "failed": [{"task": 0, "job_id": "66_0", "shards": [0], "slurm_state": "CANCELLED", "exit_code": "0:0",
+                    "failures": 0, "error": None, "log": None, "log_tail": ""}],
+    }
+    text = fmt(st)
+    assert "CANCELLED task 0 (job 66_0, CANCELLED): shards 0" in text and "FAILED" not in text and "0:0" not in text
+    st["failed"][0].update(slurm_state="FAILED", exit_code="1:0")
+    assert "FAILED task 0 (job 66_0, FAILED, exit 1:0)" in fmt(st)

@@ -422,6 +422,7 @@ def test_known_lengths_never_overflow_and_staggered_prompts_share_the_cache(fake
     assert fake.peak_running > 4 * (8000 // biggest)
     assert engine.describe()["preemptions"] == 0
     assert engine.describe()["generated_tokens"] == 4 * sum(lengths)
+    assert engine.tokens_generated() == 4 * sum(lengths)  # live throughput reads the stream's count
 
 
 def test_unknown_lengths_overflow_rarely_and_preemptions_are_counted(fake_vllm):

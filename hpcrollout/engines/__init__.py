@@ -19,7 +19,13 @@ __all__ = [
     "create_engine",
     "allocated_gpus",
     "tensor_parallel_size",
+    "cpu_threads",
+    "limit_cpu_threads",
 ]
+
+# The thread pools of the math libraries torch (and numpy) may use; each reads its variable when it starts.
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_USER_THREADS = "HPCROLLOUT_USER_OMP_NUM_THREADS"
 
 
 def allocated_gpus() -> int:
@@ -43,8 +49,66 @@ def tensor_parallel_size(config: RunConfig) -> int:
     return max(1, allocated_gpus() // config.engine.pipeline_parallel_size)
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: what SLURM's cgroup or taskset left it), else all."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity API (macOS)
+        return os.cpu_count() or 1
+
+
+def cpu_threads(config: RunConfig) -> int:
+    """Threads for this engine process: its real share of the CPUs, at least 1, never more.
+
+    Under SLURM the share is SLURM_CPUS_PER_TASK (slurm.cpus_per_task), whatever the node has; elsewhere the
+    usable CPUs divided by the tasks the local executor runs at once. torch's default (every core in every
+    process) oversubscribes as soon as two tasks share a machine: the demo ran 2-8x slower (issue 10). An
+    OMP_NUM_THREADS the user set lower still wins.
+    """
+    import os
+
+    usable = _usable_cpus()
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        share = int(slurm)
+    else:
+        ex = config.executor
+        share = usable // max(1, min(ex.local_parallelism, ex.num_tasks))
+    user = os.environ.get(_USER_THREADS, os.environ.get("OMP_NUM_THREADS", ""))
+    if user.isdigit() and int(user) > 0:
+        share = min(share, int(user))
+    return max(1, min(share, usable))
+
+
+def limit_cpu_threads(config: RunConfig) -> int:
+    """Set this process's thread pools to cpu_threads(config), before torch starts them; returns the count.
+
+    The variables are inherited by processes the engine starts (vLLM's engine core); torch, if already imported,
+    is told directly.
+    """
+    import os
+    import sys
+
+    threads = cpu_threads(config)
+    # the user's own OMP_NUM_THREADS (or none), remembered before ours replaces it: it stays a cap, ours does not
+    os.environ.setdefault(_USER_THREADS, os.environ.get("OMP_NUM_THREADS", ""))
+    for var in THREAD_VARS:
+        os.environ[var] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+    return threads
+
+
 def create_engine(config: RunConfig) -> Engine:
-    """The configured backend. vLLM is imported only here, only when asked for."""
+    """The configured backend, with this process's CPU threads limited to its share. vLLM is imported only here,
+    only when asked for."""
+    from hpcrollout.config import check_paths
+
+    check_paths(config)  # here too: a compute node may not see what the login node saw
+    limit_cpu_threads(config)
     if config.backend == "transformers":
         from hpcrollout.engines.transformers_engine import TransformersEngine
 

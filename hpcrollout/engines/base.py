@@ -100,6 +100,12 @@ class Engine(abc.ABC):
     def close(self) -> None:
         """Free the model and its memory."""
 
+    def tokens_generated(self) -> int | None:
+        """Tokens this engine has generated since it started, samples still decoding included; None if the backend
+        cannot tell (the worker then counts the tokens of finished prompts). What live throughput is made of: a
+        prompt's tokens are generated long before the prompt finishes."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Facts worth logging and recording in the run directory (versions, parallelism, devices)."""
         return {"backend": self.name}

@@ -12,12 +12,12 @@ import inspect
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 from hpcrollout.config import get_dotted
-from hpcrollout.engines import tensor_parallel_size
+from hpcrollout.engines import cpu_threads, tensor_parallel_size
 from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
+from hpcrollout.engines.render import PromptRenderer
 from hpcrollout.errors import HpcRolloutError
 
 log = logging.getLogger("hpcrollout")
@@ -40,6 +40,7 @@ class TransformersEngine(Engine):
                     "structured outputs (backend: vllm)"
                 )
         self.torch = torch
+        torch.set_num_threads(cpu_threads(config))  # this process's share of the CPUs, not every core
         mc, ec = config.model, config.engine
         device = ec.device
         if device == "auto":
@@ -64,7 +65,7 @@ class TransformersEngine(Engine):
             self.model = AutoModelForCausalLM.from_pretrained(
                 mc.path, dtype=dtype, trust_remote_code=mc.trust_remote_code
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: the hub's "Repo id must be in the form ..."
             raise HpcRolloutError(f"model.path: cannot load {mc.path!r}: {exc}") from None
         self.model.to(self.device).eval()
         self.base_model = self.model
@@ -73,8 +74,7 @@ class TransformersEngine(Engine):
             reason = self._load_adapter(mc.lora)
             if reason is not None:
                 raise HpcRolloutError(f"model.lora: {reason}")
-        if mc.chat_template:
-            self.tokenizer.chat_template = Path(mc.chat_template).read_text()
+        self.renderer = PromptRenderer(config, tokenizer=self.tokenizer)
         self.max_model_len = ec.max_model_len or getattr(self.model.config, "max_position_embeddings", None) or 4096
         eos = set()
         for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
@@ -88,6 +88,7 @@ class TransformersEngine(Engine):
         # transformers 5.2x renamed past_key_values to cache; older releases only know the old name
         self._cache_arg = "cache" if "cache" in inspect.signature(self.base_model.forward).parameters else "past_key_values"
         self.start_s = time.time() - started
+        self.generated = 0  # tokens decoded so far, counted per step (read by the worker for live throughput)
         self._versions = {"transformers": transformers.__version__, "torch": torch.__version__}
 
     def describe(self) -> dict[str, Any]:
@@ -96,27 +97,21 @@ class TransformersEngine(Engine):
             "device": str(self.device),
             "tensor_parallel_size": tensor_parallel_size(self.config),
             "engine_start_s": round(self.start_s, 3),
+            "cpu_threads": self.torch.get_num_threads(),
             **self._versions,
         }
 
     def close(self) -> None:
         self.model = self.base_model = None
 
-    # prompts -> token ids
-    def render(self, request: PromptRequest) -> list[int]:
-        if request.messages is not None:
-            text = self.tokenizer.apply_chat_template(
-                request.messages, add_generation_prompt=True, tokenize=False, **self.config.model.chat_template_kwargs
-            )
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(request.text, add_special_tokens=True)["input_ids"]
+    def tokens_generated(self) -> int:
+        return self.generated
 
     def generate(self, requests: Iterable[PromptRequest]) -> Iterator[PromptResult]:
         for request in requests:
-            try:
-                ids = self.render(request)
-            except Exception as exc:  # a template that rejects this conversation fails the row, not the shard
-                yield PromptResult.failed(request, f"chat template failed: {type(exc).__name__}: {exc}")
+            (ids,) = self.renderer.encode([request])  # the same rendering as the vLLM backend's
+            if isinstance(ids, str):  # a template that rejects this conversation fails the row, not the shard
+                yield PromptResult.failed(request, ids)
                 continue
             if len(ids) >= self.max_model_len:
                 yield PromptResult.failed(
@@ -207,6 +202,7 @@ class TransformersEngine(Engine):
                     if finish[i] is not None:
                         continue
                     generated[i].append(tok)
+                    self.generated += 1
                     if raw_logprobs is not None:
                         chosen_logprobs[i].append(float(raw_logprobs[i, tok]))
                     counts[i, tok] += 1

@@ -41,6 +41,7 @@ from typing import Any
 from hpcrollout.engines import tensor_parallel_size
 from hpcrollout.engines.admission import Admission
 from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
+from hpcrollout.engines.render import PromptRenderer
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.lora import adapter_rank, uses_lora, vllm_lora_kwargs
 from hpcrollout.structured import is_valid
@@ -79,6 +80,7 @@ def llm_kwargs(config: Any) -> dict[str, Any]:
     }
     kwargs.update({key: getattr(ec, key) for key in _ENGINE_KEYS})
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs["disable_log_stats"] = False  # keeps vLLM's counters, read for live throughput (tokens_generated)
     kwargs.update(vllm_lora_kwargs(config))  # model.lora / data.lora_column: sized from the adapters found
     kwargs.update(ec.kwargs)  # engine.kwargs wins: any EngineArgs field, passed as is
     return kwargs
@@ -118,71 +120,6 @@ def listed_sampling_kwargs(config: Any) -> dict[str, Any]:
         "logprobs": 0 if sp.logprobs else None,
         "flat_logprobs": True,
     }
-
-
-class PromptRenderer:
-    """Chat template + tokenizer: requests -> prompt token ids, in batches, as vLLM's chat/generate would."""
-
-    def __init__(self, config: Any, tokenizer: Any = None) -> None:
-        mc = config.model
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(
-                    mc.tokenizer or mc.path, trust_remote_code=mc.trust_remote_code
-                )
-            except OSError as exc:
-                raise HpcRolloutError(
-                    f"model.tokenizer/model.path: cannot load a tokenizer from {mc.tokenizer or mc.path!r}: {exc}"
-                ) from None
-        self.tokenizer = tokenizer
-        self.template: str | None = None
-        if mc.chat_template:
-            path = Path(mc.chat_template)
-            if not path.is_file():
-                raise HpcRolloutError(f"model.chat_template: {path} does not exist (give a Jinja template file)")
-            self.template = path.read_text()
-        self.template_kwargs = dict(mc.chat_template_kwargs)
-        self.tokenize_s = 0.0
-        self.prompts = 0
-
-    def render(self, messages: list[dict[str, str]]) -> str:
-        if self.template is None and not getattr(self.tokenizer, "chat_template", None):
-            raise HpcRolloutError(
-                "the model's tokenizer has no chat template, but the input holds chat messages; "
-                "set model.chat_template to a Jinja template file (or give raw string prompts)"
-            )
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=True, **self.template_kwargs
-        )
-
-    def encode(self, requests: list[PromptRequest]) -> list[list[int] | str]:
-        """Token ids per request, or the reason the request cannot be rendered (an error record)."""
-        started = time.perf_counter()
-        out: list[list[int] | str] = [""] * len(requests)
-        chat: list[tuple[int, str]] = []
-        raw: list[tuple[int, str]] = []
-        for i, req in enumerate(requests):
-            if req.messages is None:
-                raw.append((i, req.text or ""))
-                continue
-            try:
-                chat.append((i, self.render(req.messages)))
-            except HpcRolloutError:
-                raise
-            except Exception as exc:  # a template that rejects this conversation fails the row, not the shard
-                out[i] = f"chat template failed: {type(exc).__name__}: {exc}"
-        # Rendered chat text already holds its special tokens (as in vLLM's chat path); raw text gets the
-        # tokenizer's usual BOS handling (as in LLM.generate). One batched call each: fast tokenizers use threads.
-        for group, special in ((chat, False), (raw, True)):
-            if group:
-                ids = self.tokenizer([text for _, text in group], add_special_tokens=special)["input_ids"]
-                for (i, _), row_ids in zip(group, ids, strict=True):
-                    out[i] = list(row_ids)
-        self.tokenize_s += time.perf_counter() - started
-        self.prompts += len(requests)
-        return out
 
 
 # ---------------------------------------------------------------------------------------------- compile cache
@@ -343,6 +280,7 @@ class VllmEngine(Engine):
         self.admission: Admission | None = None
         self._flight_keys: dict[str, int] = {}  # request id -> admission flight key, while in flight
         self.generated_tokens = 0  # output tokens the engine has generated, counted as they stream
+        self._watching = False  # the output-stream hook is installed (_watch_outputs)
         self.preemptions = 0  # vLLM preemptions seen (counted when vLLM's stats are on: disable_log_stats false)
         log.info(
             "vLLM %s ready in %.1f s (max_model_len %d, max_num_seqs %d, compile cache %s)",
@@ -385,6 +323,18 @@ class VllmEngine(Engine):
 
             info["device"] = current_platform.get_device_name()
         return info
+
+    def tokens_generated(self) -> int | None:
+        """Generated tokens, requests still running included: counted from vLLM's output stream where the backend
+        hooks it (every step's new tokens), else vLLM's own counter (vllm:generation_tokens)."""
+        if getattr(self, "_watching", False):
+            return self.generated_tokens
+        try:
+            metrics = self.llm.get_metrics()
+        except Exception:  # stats disabled (engine.kwargs) or an older vLLM: the worker counts finished prompts
+            return None
+        values = [m.value for m in metrics if getattr(m, "name", "") == "vllm:generation_tokens"]
+        return int(sum(values)) if values else None
 
     def close(self) -> None:
         engine = getattr(self, "engine", None)
@@ -484,6 +434,7 @@ class VllmEngine(Engine):
         if original is None or not isinstance(states, dict):
             return False
         if getattr(original, "_hpcrollout", False):
+            self._watching = True
             return True
 
         def process_outputs(outputs: Any, *args: Any, **kwargs: Any) -> Any:
@@ -495,6 +446,7 @@ class VllmEngine(Engine):
 
         process_outputs._hpcrollout = True  # type: ignore[attr-defined]
         processor.process_outputs = process_outputs  # the instance attribute shadows the method
+        self._watching = True
         return True
 
     def _observe(self, outputs: Any, states: dict[str, Any]) -> None:
