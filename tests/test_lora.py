@@ -102,10 +102,10 @@ def test_adapters_are_fingerprinted(tmp_path, tiny_model, adapters):
     inp = write_input(tmp_path / "in.parquet", [dict(r, adapter=a) for r in make_prompts(3)])
     prepare_run(lora_config(tmp_path, tiny_model, inp, lora=a))
     with pytest.raises(HpcRolloutError, match=r"model settings[\s\S]*model.lora: "):
-        prepare_run(lora_config(tmp_path, tiny_model, inp, lora=b))
+        prepare_run(lora_config(tmp_path, tiny_model, inp, lora=b), busy=True)
     lora_column = {"input": str(inp), "lora_column": "adapter"}
     with pytest.raises(HpcRolloutError, match=r"data settings[\s\S]*data.lora_column: None -> 'adapter'"):
-        prepare_run(lora_config(tmp_path, tiny_model, inp, lora=a, data=lora_column))
+        prepare_run(lora_config(tmp_path, tiny_model, inp, lora=a, data=lora_column), busy=True)
     # a run directory from before model.lora existed still resumes
     from hpcrollout.config import _digest
 

@@ -108,9 +108,9 @@ def test_kwargs_are_fingerprinted_but_unset_leaves_the_old_fingerprint(tmp_path,
     with pytest.raises(
         HpcRolloutError, match=r"sampling settings[\s\S]*sampling.kwargs: \{'min_tokens': 2\} -> \{'min_tokens': 3\}"
     ):
-        prepare_run(make_config(tmp_path, tiny_model, inp, sampling={"kwargs": {"min_tokens": 3}}))
+        prepare_run(make_config(tmp_path, tiny_model, inp, sampling={"kwargs": {"min_tokens": 3}}), busy=True)
     with pytest.raises(HpcRolloutError, match="sampling settings"):
-        prepare_run(make_config(tmp_path, tiny_model, inp))
+        prepare_run(make_config(tmp_path, tiny_model, inp), busy=True)
     # a run directory from before these keys existed (its hash has none of them) still resumes
     config = build_config({"sampling": {"temperature": 0.5}})
     old = config.model_dump(mode="json")["sampling"]

@@ -90,7 +90,7 @@ def test_structured_outputs_are_fingerprinted(tmp_path, tiny_model):
     inp = write_input(tmp_path / "in.parquet", rows)
     prepare_run(make_config(tmp_path, tiny_model, inp, sampling={"structured_outputs": {"regex": "a+"}}))
     with pytest.raises(HpcRolloutError, match=r"sampling settings[\s\S]*sampling.structured_outputs: "):
-        prepare_run(make_config(tmp_path, tiny_model, inp, sampling={"structured_outputs": {"regex": "b+"}}))
+        prepare_run(make_config(tmp_path, tiny_model, inp, sampling={"structured_outputs": {"regex": "b+"}}), busy=True)
     config = make_config(
         tmp_path,
         tiny_model,
@@ -99,7 +99,7 @@ def test_structured_outputs_are_fingerprinted(tmp_path, tiny_model):
         data={"input": str(inp), "structured_outputs_column": "schema"},
     )
     with pytest.raises(HpcRolloutError, match=r"data settings[\s\S]*data.structured_outputs_column: None -> 'schema'"):
-        prepare_run(config)
+        prepare_run(config, busy=True)
     missing = make_config(
         tmp_path / "b", tiny_model, inp, data={"input": str(inp), "structured_outputs_column": "nope"}
     )
