@@ -8,7 +8,7 @@
 #   bash tests/gpu/run_on_device.sh headline-b              # headline workload: raw vs chunk-with-barrier
 #   DEADLINE=570 bash tests/gpu/run_on_device.sh ...        # seconds the whole call may take (default 570)
 #
-# Steps: tests | variable | variable-budget | variable-order | variable-400[-order] | headline-order | eos | eos-budget | headline-a | headline-b | headline-all |
+# Steps: tests | variable | variable-budget | variable-order | variable-400[-order|-wide] | headline-order | eos | eos-budget | headline-a | headline-b | headline-all |
 #        headline-fp8 | headline-aba | eos-aba | e2e (end_to_end.py: the seed-style script vs hpcrollout run) | check
 set -uo pipefail
 OUT=${OUT:-/tmp/hpcr-out}
@@ -78,6 +78,7 @@ for step in "$@"; do
     variable-budget) run_bench variable-budget --workload variable --ways raw,hpcrollout,hpcrollout:none,raw,hpcrollout ;;
     variable-order) run_bench variable-order --workload variable --ways raw,hpcrollout,hpcrollout:fifo,raw,hpcrollout,hpcrollout:fifo ;;
     variable-400) run_bench variable-400 --workload variable --prompts 400 --ways raw,hpcrollout ;;
+    variable-400-wide) run_bench variable-400-wide --workload variable --prompts 400 --max_num_seqs 2048 --ways raw,hpcrollout ;;
     variable-400-order) run_bench variable-400-order --workload variable --prompts 400 --ways raw,hpcrollout:fifo,hpcrollout:none+fifo ;;
     headline-order) run_bench headline-order --workload headline --ways raw,hpcrollout:fifo,hpcrollout:none+fifo ;;
     eos) run_bench eos --workload eos --ways raw,hpcrollout ;;
