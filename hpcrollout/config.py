@@ -7,7 +7,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -93,6 +93,16 @@ class EngineConfig(_Section):
             "flight (each sample growing to its known or learned length) stays within this fraction of the cache "
             "at every future step, so vLLM need not preempt and recompute; null hands vLLM the whole read-ahead "
             "window at once."
+        ),
+    )
+    pacing: Annotated[float, Field(gt=0, le=10)] | Literal["auto"] | None = Field(
+        "auto",
+        description=(
+            "vLLM backend, with kv_budget: also hand prompts over no faster than the cache can hold them over their "
+            "lives (a bucket of KV token-steps, refilled every step), so samples of equal known length start "
+            "staggered instead of in waves that all finish at once. The number is the bucket's size in expected "
+            "sample lengths; 'auto' (default): 0.1 while every sample's length is known and the same (ignore_eos and "
+            "one max_tokens for every prompt read), else off; null: off. See hpcrollout/engines/admission.py."
         ),
     )
     compile_cache: str = Field(

@@ -208,6 +208,7 @@ def way_hpcrollout(engine: Any, args: argparse.Namespace, config: Any) -> dict[s
         "every_seconds": args.every_seconds,
         "kv_budget": config.engine.kv_budget,
         "longest_first": config.engine.longest_first,
+        "pacing": config.engine.pacing,
         "admission": engine.admission.describe() if engine.admission is not None else None,
         "finished_at": finished.summary(),
         "tokenize_s": round(engine.renderer.tokenize_s - tokenize_before, 3),
@@ -217,7 +218,7 @@ def way_hpcrollout(engine: Any, args: argparse.Namespace, config: Any) -> dict[s
 
 def engine_variant(way: str) -> dict[str, Any]:
     """engine.* settings of a way: ``hpcrollout:1.5`` (kv_budget 1.5), ``:none`` (no budget), ``:fifo`` (input
-    order), combined with ``+`` (``hpcrollout:none+fifo``: hand everything over in input order, as before)."""
+    order), ``:nopace`` (engine.pacing off), ``:pace=0.2`` (engine.pacing 0.2), combined with ``+`` (``hpcrollout:none+fifo``: hand everything over in input order, as before)."""
     _, _, spec = way.partition(":")
     update: dict[str, Any] = {}
     for part in filter(None, spec.lower().split("+")):
@@ -225,6 +226,10 @@ def engine_variant(way: str) -> dict[str, Any]:
             update["kv_budget"] = None
         elif part == "fifo":
             update["longest_first"] = False
+        elif part == "nopace":
+            update["pacing"] = None
+        elif part.startswith("pace="):
+            update["pacing"] = float(part[5:])
         else:
             update["kv_budget"] = float(part)
     return update

@@ -48,6 +48,7 @@ from hpcrollout.structured import is_valid
 
 log = logging.getLogger("hpcrollout")
 
+_AUTO_PACING = 0.1  # engine.pacing 'auto' with equal known lengths (benchmarks/admission_bound.py chose it)
 _WINDOW_PROMPTS = 1024  # prompts submitted ahead at least; more when 4 * max_num_seqs sequences need more
 _TOKENIZE_BATCH = 256  # prompts rendered and tokenized per refill
 _LOCK_TIMEOUT_S = 1800.0  # a compile that holds the lock longer than this is presumed dead; start anyway
@@ -413,6 +414,7 @@ class VllmEngine(Engine):
         sp = self.config.sampling
         cache = self.engine.vllm_config.cache_config
         blocks, block_size = cache.num_gpu_blocks, cache.block_size or 16
+        pacing = self.config.engine.pacing
         return Admission(
             capacity_tokens=blocks * block_size if blocks else None,
             fraction=self.config.engine.kv_budget,
@@ -422,6 +424,8 @@ class VllmEngine(Engine):
             prefix_caching=bool(cache.enable_prefix_caching),
             max_seqs=self.max_num_seqs,
             longest_first=self.config.engine.longest_first,
+            pacing=_AUTO_PACING if pacing == "auto" else pacing,
+            pacing_auto=pacing == "auto",  # paced only while every length is known and equal
         )
 
     # progress, read from the engine's outputs as they stream
@@ -479,6 +483,7 @@ class VllmEngine(Engine):
                     batch = list(itertools.islice(source, size))
                     exhausted = len(batch) < size
                     self._read_ahead(batch, pool, failed)
+                pool.input_done = exhausted
                 # ... and submit what the projected KV peak has room for (at most a window in flight).
                 while len(inflight) < self.window and (taken := pool.take()) is not None:
                     (request, ids), key = taken
@@ -493,6 +498,7 @@ class VllmEngine(Engine):
                         return
                     continue
                 outputs = self.engine.step()
+                pool.stepped()
                 if not watched:
                     pool.tick()
                 self.stepped()
