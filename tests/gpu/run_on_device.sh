@@ -9,7 +9,7 @@
 #   DEADLINE=570 bash tests/gpu/run_on_device.sh ...        # seconds the whole call may take (default 570)
 #
 # Steps: tests | variable | variable-budget | variable-order | variable-400[-order|-wide] | headline-order | eos | eos-budget | headline-a | headline-b | headline-all |
-#        headline-fp8 | headline-aba | eos-aba | e2e (end_to_end.py: the seed-style script vs hpcrollout run) | check
+#        headline-pace[3] (raw, paced hpcrollout[, unpaced]) | headline-fp8 | headline-aba | eos-aba | e2e (end_to_end.py: the seed-style script vs hpcrollout run) | check
 set -uo pipefail
 OUT=${OUT:-/tmp/hpcr-out}
 DEADLINE=${DEADLINE:-570}
@@ -88,6 +88,8 @@ for step in "$@"; do
     headline-b) run_bench headline-b --workload headline --ways raw,chunk ;;
     headline-all) run_bench headline-all --workload headline --ways raw,hpcrollout,chunk ;;
     headline-fp8) run_bench headline-fp8 --workload headline --ways raw,hpcrollout --kv_cache_dtype fp8 ;;
+    headline-pace) run_bench headline-pace --workload headline --ways raw,hpcrollout ;;
+    headline-pace3) run_bench headline-pace3 --workload headline --ways raw,hpcrollout,hpcrollout:nopace ;;
     headline-aba) run_bench headline-aba --workload headline --ways raw,hpcrollout,raw ;;
     eos-aba) run_bench eos-aba --workload eos --ways raw,hpcrollout,raw ;;
     e2e) echo "== end to end (limit $(left)s)"
