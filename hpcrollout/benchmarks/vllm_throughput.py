@@ -427,6 +427,7 @@ def report(summary: dict[str, Any]) -> str:
             adm = res["admission"]
             notes.append(
                 f"kv_budget {res['kv_budget']}: peak projected {adm['peak_projected_tokens']:,} of {adm['kv_budget_tokens'] or 0:,}"
+                f"; pacing {adm.get('pacing')} (held {adm.get('paced', 0):,} times), {adm.get('steps', 0):,} engine steps"
             )
         lines.append(
             f"{name:<12}{res['wall_s']:>9.1f}{res['output_tokens']:>12,}{res['tok_per_s']:>10.0f}{ratio:>9}  {'; '.join(notes)}"
