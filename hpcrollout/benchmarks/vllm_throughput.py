@@ -332,6 +332,7 @@ class WayCounters:
     def __enter__(self) -> WayCounters:
         self.t0 = time.perf_counter()
         self.preemptions, self.tokens = self.engine.preemptions, self.engine.generated_tokens
+        self.steps = getattr(self.engine, "output_steps", 0)
         core = self.engine.engine
         self.original = core.add_request
 
@@ -347,12 +348,14 @@ class WayCounters:
         del self.engine.engine.add_request  # back to the method
         self.preemptions = self.engine.preemptions - self.preemptions
         self.tokens = self.engine.generated_tokens - self.tokens
+        self.steps = getattr(self.engine, "output_steps", 0) - self.steps
 
     def summary(self) -> dict[str, Any]:
         return {
             "first_submit_s": None if self.first_submit is None else round(self.first_submit, 3),
             "preemptions": self.preemptions,
             "engine_generated_tokens": self.tokens,
+            "engine_steps": self.steps,
         }
 
 
@@ -423,6 +426,8 @@ def report(summary: dict[str, Any]) -> str:
             )
         if "preemptions" in res:
             notes.append(f"{res['preemptions']} preemptions")
+        if res.get("engine_steps"):
+            notes.append(f"{res['engine_steps']:,} steps, {1000 * res['wall_s'] / res['engine_steps']:.1f} ms a step")
         if res.get("admission"):
             adm = res["admission"]
             notes.append(

@@ -282,6 +282,7 @@ class VllmEngine(Engine):
         self._flight_keys: dict[str, int] = {}  # request id -> admission flight key, while in flight
         self.generated_tokens = 0  # output tokens the engine has generated, counted as they stream
         self._watching = False  # the output-stream hook is installed (_watch_outputs)
+        self.output_steps = 0  # engine steps whose outputs went through the hook (raw LLM.chat's included)
         self.preemptions = 0  # vLLM preemptions seen (counted when vLLM's stats are on: disable_log_stats false)
         log.info(
             "vLLM %s ready in %.1f s (max_model_len %d, max_num_seqs %d, compile cache %s)",
@@ -442,6 +443,7 @@ class VllmEngine(Engine):
             return True
 
         def process_outputs(outputs: Any, *args: Any, **kwargs: Any) -> Any:
+            self.output_steps += 1
             self._observe(outputs, states)
             result = original(outputs, *args, **kwargs)
             stats = kwargs.get("iteration_stats", args[1] if len(args) > 1 else None)
