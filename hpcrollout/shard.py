@@ -309,9 +309,7 @@ def _write_shards(pf: InputFiles, rundir: RunDir, config: RunConfig, ranges: lis
             elif image_col:  # the row's images are part of its content (hpcrollout/images.py)
                 pictures = batch.column(image_col).to_pylist()
                 cells = batch.column(prompt_col).to_pylist()
-                uids = [
-                    derive_uid(int(r), c, column_digest(p, image_col)) for r, c, p in zip(rows, cells, pictures)
-                ]
+                uids = [derive_uid(int(r), c, column_digest(p, image_col)) for r, c, p in zip(rows, cells, pictures)]
             else:
                 uids = [derive_uid(int(r), c) for r, c in zip(rows, batch.column(prompt_col).to_pylist())]
             table = (
