@@ -250,3 +250,14 @@ def test_image_keys_are_fingerprinted_only_when_set(tmp_path):
     )
     with_images = build_config({"model": {"path": "m"}, "data": {"image_column": "img"}})
     assert with_images.generation_fingerprint()["data"] != base.generation_fingerprint()["data"]
+
+
+def test_export_keeps_image_parts_as_the_input_gave_them():
+    from hpcrollout.export import _chat_record
+
+    prompt = [{"role": "user", "content": [url("imgs/a.png"), COLUMN, {"type": "text", "text": "Which?"}]}]
+    record = _chat_record({"prompt": prompt, "response": "A"}, "prompt", "messages", ())
+    assert record["messages"] == [
+        {"role": "user", "content": [url("imgs/a.png"), COLUMN, {"type": "text", "text": "Which?"}]},
+        {"role": "assistant", "content": "A"},
+    ]

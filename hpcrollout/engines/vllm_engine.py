@@ -333,6 +333,7 @@ class VllmEngine(Engine):
         info: dict[str, Any] = {
             "backend": self.name,
             "vllm": self._vllm_version,
+            "vllm_tested": self.api.tested,
             "model": self.config.model.path,
             "tensor_parallel_size": self.kwargs.get("tensor_parallel_size"),
             "pipeline_parallel_size": self.kwargs.get("pipeline_parallel_size", 1),
