@@ -145,7 +145,10 @@ def test_two_images_and_a_broken_one_on_the_engine(tmp_path, tiny_vlm):
 
 def test_image_prompts_on_a_text_only_model_say_so(tmp_path, tiny_model):
     engine = TransformersEngine(make_config(tmp_path, tiny_model, tmp_path / "unused.parquet"))
-    with pytest.raises(HpcRolloutError, match=r"^model.path: the input has image prompts, but"):
+    with pytest.raises(
+        HpcRolloutError,
+        match=r"^model.path: the input has image prompts, but .* is a text-only model; image prompts need a vision",
+    ):
         list(
             engine.generate(
                 [request(0, [{"role": "user", "content": [{"type": "image"}]}], ImageInput("a", png((1, 1, 1))))]

@@ -779,3 +779,12 @@ def test_without_the_cache_and_model_configs_the_kv_budget_is_off_and_limits_com
     assert (engine.max_model_len, engine.max_num_seqs) == (300, 32)
     assert sorted(r.row for r in got) == list(range(5)) and engine.admission.budget is None
     assert "engine.kv_budget is off" in caplog.text and "no LLMEngine.model_config.max_model_len" in caplog.text
+
+
+def test_image_prompts_on_a_text_only_model_fail_the_task_naming_the_model(fake_vllm):
+    from hpcrollout.errors import HpcRolloutError
+
+    engine, fake = make_engine(1.0, capacity=6000, n=1, max_tokens=4)
+    fake.model_config.is_multimodal_model = False  # vLLM's ModelConfig: no multimodal_config
+    with pytest.raises(HpcRolloutError, match=r"^model.path: the input has image prompts, but /nonexistent is a text-only model"):
+        list(engine.generate(image_requests()))

@@ -190,6 +190,11 @@ class TransformersEngine(Engine):
             from transformers import AutoProcessor
 
             mc = self.config.model
+            if not hasattr(self.model.config, "vision_config"):
+                raise HpcRolloutError(
+                    f"model.path: the input has image prompts, but {mc.path} is a text-only model; "
+                    "image prompts need a vision-language model"
+                )
             try:
                 self._processor = AutoProcessor.from_pretrained(mc.path, trust_remote_code=mc.trust_remote_code)
             except (OSError, ValueError, TypeError) as exc:

@@ -414,6 +414,11 @@ class VllmEngine(Engine):
     def _image_prompt(self, request: PromptRequest, ids: list[int]) -> tuple[list[int] | str, Any]:
         """An image prompt as vLLM takes it (vllm_compat.VllmApi.image_prompt) and its token ids (the image
         tokens expanded where vLLM renders it here); or why the row cannot be submitted."""
+        if lookup(self.engine, "model_config.is_multimodal_model", True) is False:
+            raise HpcRolloutError(
+                f"model.path: the input has image prompts, but {self.config.model.path} is a text-only model; "
+                "image prompts need a vision-language model"
+            )
         try:
             pictures = decode_all(request.images)
         except BadImage as exc:
