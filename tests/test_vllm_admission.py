@@ -663,9 +663,9 @@ def image_requests() -> list[PromptRequest]:
 
 
 def test_image_prompts_reach_add_request_through_vllms_renderer(fake_vllm):
-    """vLLM 0.26: the image prompt is rendered by LLM.renderer.render_cmpl (skip_mm_cache, since it is rendered
-    ahead of submission) from the token ids with one placeholder and the decoded image, with its content hash
-    as multi_modal_uuids; the rendered input reaches add_request and its expanded length is the prompt's."""
+    """vLLM 0.26: the image prompt is rendered by LLM.renderer.render_cmpl (skip_mm_cache: the sender-side cache
+    is left alone) from the token ids with one placeholder and the decoded image, with its content hash as
+    multi_modal_uuids; the rendered input reaches add_request and its expanded length is the prompt's."""
     from hpcrollout.images import ImageInput
 
     engine, fake = make_engine(1.0, capacity=6000, n=2, max_tokens=4)

@@ -5,8 +5,8 @@ The backend is exercised on ``TESTED_VLLM`` (0.26.0) and keeps to vLLM's public 
 and the prompt types of ``vllm.inputs``. ``VllmApi`` is decided once per engine from ``vllm.__version__``
 (packaging.version) and, for releases other than the tested ones, from what the installed vLLM has:
 - prompts: 0.26 takes token ids in its processed form (``vllm.inputs.tokens_input``) and renders images with
-  ``LLM.renderer.render_cmpl`` (vLLM's own offline path, which gives the prompt's length with the image tokens
-  expanded before the prompt is submitted); where either is missing, the long-standing ``TokensPrompt`` dict
+  ``LLM.renderer.render_cmpl`` (vLLM's own offline path) just before ``add_request``, which gives the prompt's
+  exact length with the image tokens expanded; where either is missing, the long-standing ``TokensPrompt`` dict
   (``{"prompt_token_ids", "multi_modal_data"}``), which ``add_request`` renders itself;
 - ``SamplingParams(flat_logprobs=True)`` where vLLM has that field;
 - ``StructuredOutputsParams`` (vllm.sampling_params) for structured outputs, else a clear error.
@@ -84,8 +84,8 @@ class VllmApi:
             )
             return prompt, None
         try:
-            # skip_mm_cache: rendered ahead of submission, possibly submitted in another order, so the renderer's
-            # sender-side cache (which must mirror the engine's) is left alone
+            # skip_mm_cache: the renderer's sender-side cache must mirror the engine core's, and add_request may
+            # still refuse this prompt after rendering; the processor-only cache is used instead
             (engine_input,) = render([prompt], skip_mm_cache=True)
         except TypeError:  # a release without skip_mm_cache: render at submission instead (add_request does)
             missing(

@@ -49,7 +49,7 @@ from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
 from hpcrollout.engines.render import PromptRenderer
 from hpcrollout.engines.vllm_compat import MISSING, lookup, missing, structured_outputs_params, vllm_api
 from hpcrollout.errors import HpcRolloutError
-from hpcrollout.images import BadImage, decode_all
+from hpcrollout.images import BadImage, ImageTokens, decode_all
 from hpcrollout.lora import adapter_rank, uses_lora, vllm_lora_kwargs
 from hpcrollout.structured import is_valid
 
@@ -287,6 +287,7 @@ class VllmEngine(Engine):
         self.engine = llm.llm_engine
         self.max_model_len, self.max_num_seqs = self._limits()
         self.renderer = PromptRenderer(config, tokenizer=llm.get_tokenizer())
+        self._image_tokens = ImageTokens(config.model.path)  # image prompts' length until vLLM renders them
         self._ids = itertools.count()
         self.window = max(_WINDOW_PROMPTS, -(-4 * self.max_num_seqs // config.sampling.n))
         self.admission: Admission | None = None
@@ -389,31 +390,32 @@ class VllmEngine(Engine):
         return request.structured_outputs or self.config.sampling.structured_outputs
 
     def _read_ahead(self, batch: list[PromptRequest], pool: Admission, failed: list[PromptResult]) -> None:
-        """Render and tokenize a batch into the lookahead pool; what cannot be submitted becomes an error row."""
+        """Render and tokenize a batch into the lookahead pool; what cannot be submitted becomes an error row.
+
+        An image prompt waits in the pool as token ids with one placeholder per image, its length estimated
+        (images.ImageTokens); its pixels are processed only when it is submitted, so the read-ahead window holds
+        compressed image bytes, not pixel tensors, and the exact length is checked then."""
         default_max = self.config.sampling.max_tokens
         for request, ids in zip(batch, self.renderer.encode(batch), strict=True):
-            prompt: Any = None
-            if not isinstance(ids, str) and request.images:
-                ids, prompt = self._image_prompt(request, ids)
             if isinstance(ids, str):
                 failed.append(PromptResult.failed(request, ids))
-            elif len(ids) >= self.max_model_len:
-                failed.append(
-                    PromptResult.failed(
-                        request,
-                        (
-                            f"prompt has {len(ids)} tokens, more than engine.max_model_len={self.max_model_len} allows "
-                            "(at least one token must be generated); raise engine.max_model_len or shorten the prompt"
-                        ),
-                    )
-                )
-            else:
-                max_tokens = min(request.max_tokens or default_max, self.max_model_len - len(ids))
-                pool.add((request, prompt or self.api.token_prompt(ids)), len(ids), max_tokens)
+                continue
+            length = len(ids) + sum(self._image_tokens.of_bytes(i.data) - 1 for i in request.images)
+            if length >= self.max_model_len and not request.images:
+                failed.append(PromptResult.failed(request, self._too_long(length)))
+                continue
+            max_tokens = max(1, min(request.max_tokens or default_max, self.max_model_len - length))
+            pool.add((request, ids if request.images else self.api.token_prompt(ids)), length, max_tokens)
 
-    def _image_prompt(self, request: PromptRequest, ids: list[int]) -> tuple[list[int] | str, Any]:
-        """An image prompt as vLLM takes it (vllm_compat.VllmApi.image_prompt) and its token ids (the image
-        tokens expanded where vLLM renders it here); or why the row cannot be submitted."""
+    def _too_long(self, length: int) -> str:
+        return (
+            f"prompt has {length} tokens, more than engine.max_model_len={self.max_model_len} allows "
+            "(at least one token must be generated); raise engine.max_model_len or shorten the prompt"
+        )
+
+    def _image_prompt(self, request: PromptRequest, ids: list[int]) -> tuple[Any, str | None]:
+        """An image prompt as vLLM takes it (vllm_compat.VllmApi.image_prompt), or None and why the row cannot
+        be submitted (an image that does not decode, vLLM's processor rejecting it, too long once expanded)."""
         if lookup(self.engine, "model_config.is_multimodal_model", True) is False:
             raise HpcRolloutError(
                 f"model.path: the input has image prompts, but {self.config.model.path} is a text-only model; "
@@ -422,20 +424,24 @@ class VllmEngine(Engine):
         try:
             pictures = decode_all(request.images)
         except BadImage as exc:
-            return f"bad image: row {request.row}, {exc}", None
+            return None, f"bad image: row {request.row}, {exc}"
         try:
             prompt, length = self.api.image_prompt(self.llm, ids, pictures, [i.digest for i in request.images])
         except Exception as exc:  # vLLM's multi-modal processor rejected this prompt
-            return f"vLLM rejected the image prompt: {type(exc).__name__}: {exc}", None
-        if length is not None and isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            ids = list(prompt["prompt_token_ids"])
-        return ids, prompt
+            return None, f"vLLM rejected the image prompt: {type(exc).__name__}: {exc}"
+        if length is not None and length >= self.max_model_len:
+            return None, self._too_long(length)
+        return prompt, None
 
     def _submit(
         self, request: PromptRequest, prompt: Any, key: int, inflight: dict[str, tuple[PromptRequest, int]]
     ) -> PromptResult | None:
         """Hand one prompt (VllmApi.token_prompt / image_prompt) to vLLM; None, or the error record if vLLM
         rejects it."""
+        if request.images:  # token ids with placeholders: the images are processed now (see _read_ahead)
+            prompt, reason = self._image_prompt(request, prompt)
+            if reason is not None:
+                return PromptResult.failed(request, reason)
         request_id = f"{request.row}-{next(self._ids)}"
         adapter = request.lora or self.config.model.lora
         lora = self._lora_request(adapter) if adapter else None
