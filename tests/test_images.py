@@ -11,6 +11,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -264,3 +265,24 @@ def test_export_keeps_image_parts_as_the_input_gave_them():
         {"role": "user", "content": [url("imgs/a.png"), COLUMN, {"type": "text", "text": "Which?"}]},
         {"role": "assistant", "content": "A"},
     ]
+
+
+def test_relative_image_paths_resolve_against_the_inputs_directory_or_image_dir(tmp_path):
+    from hpcrollout.images import image_base, image_part_source
+
+    (tmp_path / "d").mkdir()
+    cases = {
+        str(tmp_path / "d" / "in.parquet"): tmp_path / "d",  # a file: its directory
+        str(tmp_path / "d"): tmp_path / "d",  # a directory input: itself
+        str(tmp_path / "d" / "part-*.parquet"): tmp_path / "d",  # a glob: before the first wildcard
+    }
+    for spec, expected in cases.items():
+        assert image_base(build_config({"data": {"input": spec}})) == expected
+    assert image_base(build_config({"data": {"input": spec, "image_dir": "/imgs"}})) == Path("/imgs")
+    # transformers' chat form names the source in the image part itself
+    assert image_part_source({"type": "image", "image": "a.png"}) == "a.png"
+    assert image_part_source({"type": "image", "url": "file:///a.png"}) == "file:///a.png"
+    assert (
+        image_part_source({"type": "image_url", "image_url": "data:image/png;base64,AA"}) == "data:image/png;base64,AA"
+    )
+    assert image_part_source({"type": "image"}) is None
