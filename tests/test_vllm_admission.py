@@ -788,3 +788,18 @@ def test_image_prompts_on_a_text_only_model_fail_the_task_naming_the_model(fake_
     fake.model_config.is_multimodal_model = False  # vLLM's ModelConfig: no multimodal_config
     with pytest.raises(HpcRolloutError, match=r"^model.path: the input has image prompts, but /nonexistent is a text-only model"):
         list(engine.generate(image_requests()))
+
+
+def test_an_image_prompt_vllms_processor_rejects_is_an_error_row(fake_vllm):
+    engine, fake = make_engine(1.0, capacity=6000, n=1, max_tokens=4)
+    renderer = engine.llm.renderer = FakeRenderer()
+
+    def reject(prompts: list[dict[str, Any]], skip_mm_cache: bool = False) -> list[dict[str, Any]]:
+        raise ValueError("Failed to apply LlavaProcessor on data={'images': ...}")
+
+    renderer.render_cmpl = reject
+    results = {r.row: r for r in engine.generate(image_requests())}
+    assert results[0].error == (
+        "vLLM rejected the image prompt: ValueError: Failed to apply LlavaProcessor on data={'images': ...}"
+    )
+    assert results[2].error is None  # the text row goes on
