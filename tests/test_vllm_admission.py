@@ -9,6 +9,7 @@ recomputed later). The real engine is tested on a GPU (tests/gpu); this checks t
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 import types
@@ -271,6 +272,8 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> list[FakeLLMEngine]:
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr("hpcrollout.engines.vllm_compat._warned", set())  # each test sees its own warnings
+    # the CLI's logging setup (run by earlier tests in this process) stops propagation; caplog needs it
+    monkeypatch.setattr(logging.getLogger("hpcrollout"), "propagate", True)
     # The projection is rebuilt on every change of progress here, so the outcomes do not depend on the
     # machine's speed (the backend rebuilds it at most every 0.1 s of the client's time).
     monkeypatch.setattr("hpcrollout.engines.admission._REBUILD_S", 0.0)
