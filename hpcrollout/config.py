@@ -40,6 +40,20 @@ class DataConfig(_Section):
         None,
         description="Column with each row's LoRA adapter directory; a null cell takes model.lora (or the base model).",
     )
+    image_column: str | None = Field(
+        None,
+        description=(
+            "Column with each row's images (binary, a {bytes, path} struct as Hugging Face datasets store images, "
+            "or a list of them), taken in order by the prompt's {type: image} content parts."
+        ),
+    )
+    image_dir: str | None = Field(
+        None,
+        description=(
+            "Directory that relative image paths in image_url parts resolve against; default: the directory of "
+            "data.input (a file's parent, a directory input itself, a glob's directory before its first wildcard)."
+        ),
+    )
     structured_outputs_column: str | None = Field(
         None,
         description=(
@@ -321,7 +335,7 @@ class RunConfig(_Section):
 
 # sampling keys newer than the fingerprint; hashed only when set (see generation_fingerprint).
 _LATER_SAMPLING_KEYS = ("kwargs", "structured_outputs")
-_LATER_DATA_KEYS = ("structured_outputs_column", "lora_column")
+_LATER_DATA_KEYS = ("structured_outputs_column", "lora_column", "image_column", "image_dir")
 _LATER_MODEL_KEYS = ("lora",)
 # Engine keys that change what is sampled (numerics, weights, context): fingerprinted like sampling.*. The other
 # engine keys (parallelism, memory, batch sizes, kv_budget, device, ...) are resources and may change on resume.
@@ -481,6 +495,7 @@ PATH_KEYS = (
     ("model", "tokenizer"),
     ("model", "chat_template"),
     ("model", "lora"),
+    ("data", "image_dir"),
     (None, "run_dir"),
 )
 # A model or tokenizer given as a hub name ("Qwen/Qwen3-4B", "gpt2") rather than a directory.
