@@ -193,6 +193,15 @@ def ray_start_args(base: int, gpus: int, cpus: int, node: str) -> list[str]:
     ]
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: this child gets SIGTERM when the process that started it dies (Linux), so a task killed
+    outright (SIGKILL, an exit that skips ``finally``) still takes its cluster with it."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
 def node_command(job_key: str, start_args: list[str]) -> list[str]:
     """The per-node wrapper command (its node name and temp dir are found on the node itself)."""
     return [sys.executable, "-m", "hpcrollout.raycluster", "node", "--job-key", job_key, "--", *start_args]
@@ -283,6 +292,7 @@ def ray_cluster(config: RunConfig, run_dir: str | Path, task: int) -> Iterator[R
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + timeout
         while not _gcs_up(head_ip, base):
@@ -311,6 +321,7 @@ def ray_cluster(config: RunConfig, run_dir: str | Path, task: int) -> Iterator[R
                 *node_command(job_key, [f"--address={address}", *ray_start_args(base, gpus, cpus, "%NODE%")]),
             ],
             stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,  # srun on SIGTERM ends the step: every worker node's wrapper
         )
         cluster.record["pids"] = {head: cluster.head_proc.pid, "srun": cluster.workers_proc.pid}
         _wait_for_nodes(cluster, deadline, timeout)
@@ -330,6 +341,7 @@ def _wait_for_nodes(cluster: RayCluster, deadline: float, timeout: float) -> Non
     """Until every node is alive in the cluster with its GPUs; an error naming those that are not."""
     import ray
 
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
     try:
         joined: list[str] = []
@@ -364,6 +376,7 @@ def _wait_for_nodes(cluster: RayCluster, deadline: float, timeout: float) -> Non
             )
     finally:
         ray.shutdown()
+        signal.signal(signal.SIGTERM, on_sigterm)  # ray.init replaced it with a bare sys.exit: the task's back
 
 
 # -- status ---------------------------------------------------------------------------------------------------
