@@ -7,6 +7,7 @@ stands in for it); ``vllm_kwargs`` shows what vLLM would be given.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -133,3 +134,23 @@ def test_two_node_task_forms_a_ray_cluster_and_rebuilds_it_after_requeue(
         subprocess.run(["scancel", result["job_id"]], capture_output=True)
     states = wait_for_jobs([result["job_id"]])
     assert states[job][-1] == "CANCELLED"
+
+
+def test_status_names_the_failed_node_and_shows_each_nodes_log_tail(tmp_path):
+    """hpcrollout status: the cluster's state, the node that did not join with the error, each node's log tail."""
+    rundir = RunDir(tmp_path / "run")
+    ray_dir = rundir.ray_dir(0)
+    ray_dir.mkdir(parents=True)
+    error = "Ray cluster of task 0: node(s) hrn2 missing: its Ray process ended; see .../hrn2.log"
+    record = {"task": 0, "attempt": 1, "state": "failed", "address": "10.231.0.11:40000", "nodes": NODES}
+    record.update(joined=["hrn1"], failed_nodes=["hrn2"], error=error)
+    (ray_dir / raycluster.RECORD_NAME).write_text(json.dumps(record))
+    (ray_dir / "hrn1.log").write_text("".join(f"head line {i}\n" for i in range(40)))
+    (ray_dir / "hrn2.log").write_text("ValueError: bad --resources\n")
+    lines = raycluster.status_lines(rundir, 0)
+    assert lines[0].startswith("ray cluster of task 0 (attempt 1): failed") and "1/2 nodes joined" in lines[0]
+    assert lines[1] == f"  failed node(s): hrn2: {error}"
+    text = "\n".join(lines)
+    assert "hrn1 (joined)" in text and "hrn2 (not joined)" in text and "    ValueError: bad --resources" in text
+    assert "head line 39" in text and "head line 0\n" not in text  # the tail, not the whole log
+    assert raycluster.status_lines(rundir, 1) == []  # a task without a cluster adds nothing
