@@ -90,6 +90,7 @@ class RayCluster:
     record: ClusterRecord = field(default_factory=lambda: ClusterRecord())
     head_proc: subprocess.Popen[bytes] | None = None
     workers_proc: subprocess.Popen[bytes] | None = None
+    step_name: str = ""
     stopped: bool = False
 
     def stop(self, state: Literal["stopped", "failed"] = "stopped") -> None:
@@ -97,7 +98,13 @@ class RayCluster:
         if self.stopped:
             return
         self.stopped = True
-        for proc in (self.workers_proc, self.head_proc):  # srun forwards SIGTERM to each node's wrapper
+        if self.workers_proc is not None and self.workers_proc.poll() is None:
+            # SIGTERM to the workers' step, not to srun: srun on SIGTERM SIGKILLs the step at once, before each
+            # node's wrapper has removed its temp dir; the step then ends and srun with it
+            _signal_step(self.step_name, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.workers_proc.wait(_STOP_WAIT_S)
+        for proc in (self.workers_proc, self.head_proc):
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -114,6 +121,22 @@ class RayCluster:
 
 
 _CURRENT: RayCluster | None = None
+
+
+def _signal_step(step_name: str, sig: int) -> None:
+    """Send sig to every process of this job's step named step_name (scancel --signal; the step goes on)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not (job and step_name):
+        return
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-s", "-j", job, "-o", "%i %j"], capture_output=True, text=True, timeout=30
+        ).stdout
+        steps = [line.split()[0] for line in out.splitlines() if line.split()[1:] == [step_name]]
+        for step in steps:
+            subprocess.run(["scancel", f"--signal={int(sig)}", step], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        log.warning("could not signal the Ray workers' step %s; stopping its srun instead", step_name)
 
 
 def stop_current() -> None:
@@ -269,6 +292,7 @@ def ray_cluster(config: RunConfig, run_dir: str | Path, task: int) -> Iterator[R
     address = f"{head_ip}:{base}"
     timeout = config.slurm.ray_timeout_s
     cluster = RayCluster(address=address, nodes=nodes, gpus_per_node=gpus, ray_dir=ray_dir)
+    cluster.step_name = f"hpcrollout-ray-{task}"
     cluster.record = ClusterRecord(
         task=task,
         job_id=os.environ.get("SLURM_JOB_ID"),
@@ -316,6 +340,7 @@ def ray_cluster(config: RunConfig, run_dir: str | Path, task: int) -> Iterator[R
                 "--ntasks-per-node=1",
                 "--relative=1",
                 "--kill-on-bad-exit=0",
+                f"--job-name={cluster.step_name}",
                 f"--output={ray_dir}/%N.log",
                 "--open-mode=append",
                 *node_command(job_key, [f"--address={address}", *ray_start_args(base, gpus, cpus, "%NODE%")]),

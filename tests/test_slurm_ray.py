@@ -129,7 +129,12 @@ def test_two_node_task_forms_a_ray_cluster_and_rebuilds_it_after_requeue(
         wait_until(lambda: not any(ray_daemons(n) for n in NODES), timeout=60, what="Ray daemons to end on both nodes")
         wait_until(lambda: (raycluster.read_record(rundir, 0) or {}).get("state") == "stopped", what="stopped record")
         assert read_task_record(rundir, 0)["state"] == "terminated"
-        assert "[hpcrollout] node hrn1: signal 15, stopping Ray" in (rundir.ray_dir(0) / "hrn1.log").read_text()
+        for node in NODES:  # each node's wrapper stopped its Ray and removed its temp dir
+            assert "signal 15, stopping Ray" in (rundir.ray_dir(0) / f"{node}.log").read_text()
+            wait_until(
+                lambda n=node: not Path(raycluster.temp_dir(f"{result['job_id']}_0", n)).exists(),
+                what=f"{node}'s temp dir",
+            )
     finally:
         subprocess.run(["scancel", result["job_id"]], capture_output=True)
     states = wait_for_jobs([result["job_id"]])
