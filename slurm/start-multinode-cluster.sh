@@ -48,7 +48,12 @@ export SLURM_CONF=$ETC/slurm.conf
 log() { echo "[test-slurm-multi $(date +%T)] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root"
-for tool in ip unshare slurmctld slurmd; do
+if ! command -v ip >/dev/null 2>&1; then  # iproute2: bridge, veth pairs, network namespaces
+  log "installing iproute2"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 >/dev/null ||
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 >/dev/null; }
+fi
+for tool in ip unshare nsenter slurmctld slurmd; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || die "$tool not found"
 done
 
