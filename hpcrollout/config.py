@@ -268,6 +268,14 @@ class SlurmConfig(_Section):
     signal_delay_s: int = Field(120, ge=1, description="Seconds before the time limit at which a task checkpoints.")
     max_requeues: int = Field(3, ge=0, description="Requeues after timeout/preemption before a task is failed.")
     max_retries: int = Field(2, ge=0, description="Automatic resubmissions of a task that raised.")
+    ray_timeout_s: int = Field(
+        300,
+        ge=1,
+        description=(
+            "nodes > 1: seconds for every node of the task's Ray cluster to join with its GPUs before the task "
+            "fails naming the node that did not (raycluster.py)."
+        ),
+    )
 
 
 class RunConfig(_Section):

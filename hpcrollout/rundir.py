@@ -13,6 +13,8 @@ RUN_DIR/
   heartbeats/00000.json        progress of the shard's current attempt
   scores/00000.parquet         hpcrollout score: a finished shard's scores (uid, scores, score_details)
   logs/score/                  hpcrollout score --slurm: the scoring array's submitit logs
+  logs/ray/00000/              slurm.nodes > 1: the task's Ray cluster (raycluster.py): cluster.json (nodes,
+                               address, state, the node that failed) and one NODE.log per node
   claims/                      dynamic mode: who works on which shard
   tasks/00000.json             SLURM task records (slurm_task.py)
   tasks/local-00000.{lock,json} local executor: held while the task is queued or runs; its pid, host, exit code
@@ -185,6 +187,10 @@ class RunDir:
     @property
     def logs_dir(self) -> Path:
         return self.root / "logs"
+
+    def ray_dir(self, task: int) -> Path:
+        """slurm.nodes > 1: the Ray cluster of an array task: cluster.json and one NODE.log per node."""
+        return self.logs_dir / "ray" / shard_name(task)
 
     @property
     def claims_dir(self) -> Path:

@@ -78,13 +78,13 @@ class SlurmTask(submitit.helpers.Checkpointable):
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from hpcrollout import worker
+        from hpcrollout import raycluster
 
         _setup_logging()
         rank = int(os.environ.get("SLURM_PROCID", "0") or 0)
         if rank != 0:
-            # slurm.nodes > 1: srun starts this on every node; the engine on the first node drives the others
-            # (vLLM over Ray), so the other ranks must not process shards themselves.
+            # slurm.nodes > 1: srun starts this on every node; rank 0 starts the Ray cluster over all of them
+            # (raycluster.py: its own srun puts a Ray worker on each other node) and its engine drives them.
             log.info("task %d: rank %d of a multi-node task stays idle; rank 0 runs the shards", task_id, rank)
             return {"task": task_id, "rank": rank, "idle": True}
         self._requeued = False  # a requeued attempt is unpickled with the flag its predecessor set
@@ -100,6 +100,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
             log.warning("task %d: SIGTERM, committing finished results and stopping", task_id)
             self._terminated = True
             self._flush()
+            raycluster.stop_current()  # slurm.nodes > 1: the Ray cluster goes with the engine
             if not self._requeued:  # our own retry requeue also sends SIGTERM: keep its "retrying" record
                 self._update(rundir, task_id, state="terminated")
             if callable(previous):
@@ -107,7 +108,8 @@ class SlurmTask(submitit.helpers.Checkpointable):
 
         signal.signal(signal.SIGTERM, on_sigterm)
         try:
-            result = worker.run_task(self.run_dir, task_id, should_stop=lambda: self._terminated)
+            with raycluster.ray_cluster(rundir.load_config(), rundir.root, task_id):  # slurm.nodes > 1 only
+                result = self._run_shards(task_id)
             if self._terminated:
                 self._wait_for_end(task_id)
         except UncompletedJobError as exc:
@@ -146,12 +148,21 @@ class SlurmTask(submitit.helpers.Checkpointable):
         log.warning("task %d: checkpoint signal, committing finished results before requeue", task_id)
         self._requeued = True  # the SIGTERM that follows the requeue must not overwrite the record
         self._flush()
+        from hpcrollout import raycluster
+
+        raycluster.stop_current()  # the requeued attempt builds a fresh cluster
         rundir = RunDir(self.run_dir)
         record = read_task_record(rundir, task_id)
         self._update(rundir, task_id, state="requeued", requeues=int(record.get("requeues", 0)) + 1)
         return submitit.helpers.DelayedSubmission(self, task_id)
 
     # -- helpers -------------------------------------------------------------------------------------------
+    def _run_shards(self, task_id: int) -> dict[str, Any]:
+        """The task's work: its shards through the engine (tests put a stand-in engine here)."""
+        from hpcrollout import worker
+
+        return worker.run_task(self.run_dir, task_id, should_stop=lambda: self._terminated)
+
     @staticmethod
     def _wait_for_end(task_id: int, limit_s: float = 300.0) -> None:
         """Stopped by SIGTERM: wait for SLURM's kill, or for the checkpoint signal whose handler requeues and exits."""

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hpcrollout import raycluster
 from hpcrollout.config import exact_budgets
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.local import local_active_tasks, local_task_record
@@ -435,6 +436,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "complete": len(done) == len(shards),
         "resume_command": f"hpcrollout resume {rundir.root}",
         "notes": notes,
+        # slurm.nodes > 1: each task's Ray cluster (state, the node that failed, each node's log tail)
+        "ray": {t: lines for t in sorted(tasks) if (lines := raycluster.status_lines(rundir, t))},
     }
 
 
@@ -649,6 +652,8 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
         if f["log"]:
             lines.append(f"  last lines of {f['log']}:")
             lines += ["    " + line for line in (f["log_tail"] or "(empty)").splitlines()]
+    for ray_lines in st.get("ray", {}).values():
+        lines += ["", *ray_lines]
     if st["failed"]:
         lines.append("")
         lines.append(f"rerun the failed shards with: {st['resume_command']}")

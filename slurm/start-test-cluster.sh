@@ -23,6 +23,8 @@
 #   TEST_SLURM_CLUSTER  [localcluster] ClusterName (don't change once state exists)
 #   TEST_SLURM_PARTITION [debug]
 #   TEST_SLURM_TIMEOUT  [90]    seconds to wait for each daemon / node idle
+#   TEST_SLURM_MULTINODE [1]    1 = also start the namespaced 2-node cluster (start-multinode-cluster.sh,
+#                               SLURM_CONF=/etc/slurm-multi/slurm.conf) for the multi-node tests; 0 = not
 set -euo pipefail
 
 ACCOUNTING=${TEST_SLURM_ACCOUNTING:-1}
@@ -289,3 +291,7 @@ until node_ok; do
   sleep 0.25
 done
 log "cluster up: $(sinfo -h -N -o '%N %T cpus=%c mem=%m gres=%G')"
+
+if [ "${TEST_SLURM_MULTINODE:-1}" = 1 ]; then
+  bash "$(dirname "${BASH_SOURCE[0]}")/start-multinode-cluster.sh"
+fi

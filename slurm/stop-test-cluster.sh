@@ -77,7 +77,10 @@ if command -v scontrol >/dev/null 2>&1; then
   fi
 fi
 
-# ---- 2. daemons (slurmctld before slurmdbd so it can flush accounting)
+# ---- 2. the namespaced multi-node cluster first (its slurmctld uses munged and slurmdbd), then the daemons
+# (slurmctld before slurmdbd so it can flush accounting)
+multi_args=(); [ "$PURGE" = 1 ] && multi_args+=(--purge)
+bash "$(dirname "${BASH_SOURCE[0]}")/stop-multinode-cluster.sh" "${multi_args[@]}"
 stop_one slurmd    /run/slurmd.pid          slurmd
 stop_one slurmctld /run/slurmctld.pid       slurmctld
 stop_one slurmdbd  /run/slurmdbd.pid        slurmdbd

@@ -43,6 +43,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from hpcrollout import raycluster
 from hpcrollout.engines import tensor_parallel_size
 from hpcrollout.engines.admission import Admission
 from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
@@ -90,6 +91,7 @@ def llm_kwargs(config: Any) -> dict[str, Any]:
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kwargs["disable_log_stats"] = False  # keeps vLLM's counters, read for live throughput (tokens_generated)
     kwargs.update(vllm_lora_kwargs(config))  # model.lora / data.lora_column: sized from the adapters found
+    kwargs.update(raycluster.vllm_kwargs(config))  # slurm.nodes > 1: Ray executor, TP per node x PP over nodes
     kwargs.update(ec.kwargs)  # engine.kwargs wins: any EngineArgs field, passed as is
     return kwargs
 
