@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from typing import TYPE_CHECKING
 
 from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample, prompt_seed
@@ -114,6 +116,7 @@ def create_engine(config: RunConfig) -> Engine:
 
         return TransformersEngine(config)
     if config.backend == "vllm":
+        importing = time.monotonic()
         try:
             import vllm  # noqa: F401
         except ImportError as exc:
@@ -124,5 +127,5 @@ def create_engine(config: RunConfig) -> Engine:
             ) from None
         from hpcrollout.engines.vllm_engine import VllmEngine
 
-        return VllmEngine(config)
+        return VllmEngine(config, imported_s=time.monotonic() - importing)  # vLLM's import in import_s
     raise HpcRolloutError(f"backend: unknown backend {config.backend!r}")

@@ -219,14 +219,15 @@ class VllmEngine(Engine):
 
     name = "vllm"
 
-    def __init__(self, config: Any, *, llm: Any = None) -> None:
-        """Start vLLM for ``config`` (or reuse ``llm``, an already started ``vllm.LLM`` of the same model)."""
+    def __init__(self, config: Any, *, llm: Any = None, imported_s: float = 0.0) -> None:
+        """Start vLLM for ``config`` (or reuse ``llm``, an already started ``vllm.LLM`` of the same model);
+        ``imported_s``: time the caller spent importing vLLM before, counted in ``import_s``."""
         super().__init__(config)
         importing = time.monotonic()
         import vllm
         from vllm import SamplingParams
 
-        self.import_s = time.monotonic() - importing
+        self.import_s = imported_s + time.monotonic() - importing
 
         self._vllm_version = vllm.__version__
         self.api = vllm_api(vllm)  # what differs between vLLM releases (vllm_compat.py); logs the tested versions
