@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-
 from typing import TYPE_CHECKING
 
 from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample, prompt_seed
