@@ -14,6 +14,9 @@ RUN_DIR/
   scores/00000.parquet         hpcrollout score: a finished shard's scores (uid, scores, score_details)
   logs/score/                  hpcrollout score --slurm: the scoring array's submitit logs
   claims/                      dynamic mode: who works on which shard
+  claims/static/00000/ATTEMPT/ static mode, engines_per_task > 1: how one task attempt's engines share its shards
+  tasks/00000.engine-01.json   engines_per_task > 1: engine 1 of task 0 (host, pid, GPUs, exit code)
+  logs/engines/00000-01.log    that engine's log
   tasks/00000.json             SLURM task records (slurm_task.py)
   tasks/local-00000.{lock,json} local executor: held while the task is queued or runs; its pid, host, exit code
   logs/                        executor logs (submitit's stdout/stderr per task)
@@ -216,6 +219,23 @@ class RunDir:
     def local_task_record(self, task: int) -> Path:
         """Local executor: the task's worker (pid, host, start time) and, once it ended, its exit code."""
         return self.tasks_dir / f"local-{shard_name(task)}.json"
+
+    def engine_record(self, task: int, engine: int) -> Path:
+        """executor.engines_per_task > 1: one engine of a task (host, pid, GPUs, CPUs; its exit code once ended)."""
+        return self.tasks_dir / f"{shard_name(task)}.engine-{engine:02d}.json"
+
+    def engine_records(self) -> list[Path]:
+        """Every engine record of the run, in task and engine order."""
+        return sorted(self.tasks_dir.glob("[0-9]*.engine-*.json")) if self.tasks_dir.is_dir() else []
+
+    def engine_log(self, task: int, engine: int) -> Path:
+        """One engine's stdout and stderr (the task's own log says when each engine started and ended)."""
+        return self.logs_dir / "engines" / f"{shard_name(task)}-{engine:02d}.log"
+
+    def task_engine_claims(self, task: int, attempt: str) -> Path:
+        """Static mode, several engines per task: the claims through which one attempt's engines share the task's
+        shards (a new attempt starts a new board: nothing of an ended attempt is waited for)."""
+        return self.claims_dir / "static" / shard_name(task) / attempt
 
     @property
     def quarantine_dir(self) -> Path:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from hpcrollout.config import exact_budgets
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.local import local_active_tasks, local_task_record
-from hpcrollout.procs import pid_alive
+from hpcrollout.procs import pid_alive, same_process_alive
 from hpcrollout.rundir import RunDir, read_json, static_task
 
 if TYPE_CHECKING:
@@ -361,6 +361,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
                     eta_s=hb.get("eta_s"),
                     eta_basis=hb.get("eta_basis"),
                     host=hb.get("host"),
+                    pid=_int(hb.get("pid")),
+                    gpus=hb.get("gpus"),
                     heartbeat_age_s=round(age, 1),
                     started=hb.get("started"),
                     prompts_done_this_attempt=int(hb.get("prompts_done_this_attempt", 0)),
@@ -414,6 +416,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
             }
         )
     slowest = sorted(running, key=lambda e: -(e.get("eta_s") or 0.0))[:3]
+    engines = engine_states(rundir, running, host)
     return {
         "run_dir": str(rundir.root),
         "time": now,
@@ -431,11 +434,44 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "eta_basis": eta_basis,
         "slowest": [e["shard"] for e in slowest],
         "failed": failures,
+        "engines": engines,
         "claims": claim_summary(claims, len(shards) - len(done)) if dynamic else None,
         "complete": len(done) == len(shards),
         "resume_command": f"hpcrollout resume {rundir.root}",
         "notes": notes,
     }
+
+
+def engine_states(rundir: RunDir, running: list[dict[str, Any]], host: str) -> list[dict[str, Any]]:
+    """executor.engines_per_task > 1: each engine of each task (its latest attempt), with the shards it is
+    generating and its live tok/s, from its record and the running shards' heartbeats."""
+    from hpcrollout.executors.engine_group import read_engine_record
+
+    out = []
+    for path in rundir.engine_records():
+        record = read_engine_record(path)
+        if _int(record.get("task")) is None or _int(record.get("engine")) is None:
+            continue
+        pid, ehost = _int(record.get("pid")), record.get("host")
+        mine = [e for e in running if e.get("pid") == pid and e.get("host") == ehost]
+        state = record.get("state") or "running"
+        if state == "running" and same_process_alive(ehost, pid, _int(record.get("pid_start"))) is False:
+            state = "dead"  # killed without its task noticing yet (or the task itself died)
+        out.append(
+            {
+                "task": int(record["task"]),
+                "engine": int(record["engine"]),
+                "host": ehost,
+                "pid": pid,
+                "gpus": record.get("gpus") or [],
+                "state": state,
+                "exit_code": record.get("exit_code"),
+                "shards": [e["shard"] for e in mine],
+                "tokens_per_s": max((e.get("tokens_per_s", 0.0) for e in mine), default=0.0),
+                "log": record.get("log"),
+            }
+        )
+    return out
 
 
 def _engine_rates(running: list[dict[str, Any]], now: float) -> tuple[float, float]:
@@ -588,6 +624,7 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
         lines.append("(no sacct here: finished or cancelled jobs are known only from the run directory)")
     if any(t.get("job_id") for t in st["tasks"]):
         lines.append("tasks: " + task_summary(st["tasks"]))
+    lines += [engine_line(e) for e in st.get("engines") or [] if e["state"] != "exited" or e["exit_code"]]
     dynamic = st.get("claims") is not None
     if dynamic and not st["complete"]:
         lines.append("claims: " + claims_line(st))
@@ -656,6 +693,16 @@ def format_status(st: dict[str, Any], rate: float | None = None) -> str:
         lines.append("")
         lines.append(f"complete; merge with: hpcrollout merge {st['run_dir']} --output OUT.parquet")
     return "\n".join(lines)
+
+
+def engine_line(e: dict[str, Any]) -> str:
+    """'task 0 engine 1: pid 4242 on node7, GPUs 2,3, shard 5, 812.0 tok/s, running'."""
+    shards = ("shard " + ",".join(map(str, e["shards"]))) if e["shards"] else "no shard"
+    state = e["state"] + (f" (exit code {e['exit_code']})" if e["state"] == "exited" else "")
+    return (
+        f"task {e['task']} engine {e['engine']}: pid {e['pid']} on {e['host']}, GPUs {','.join(e['gpus']) or '-'}, "
+        f"{shards}, {e['tokens_per_s']:,.1f} tok/s, {state}"
+    )
 
 
 def id_ranges(xs: list[int]) -> str:
