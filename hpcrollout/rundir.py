@@ -13,13 +13,16 @@ RUN_DIR/
   heartbeats/00000.json        progress of the shard's current attempt
   scores/00000.parquet         hpcrollout score: a finished shard's scores (uid, scores, score_details)
   logs/score/                  hpcrollout score --slurm: the scoring array's submitit logs
+  jobs.json                    every submission: executor, job ids, task ids (executors/jobs.py)
+  cache/vllm/                  vLLM's compile cache with engine.compile_cache: run
   claims/                      dynamic mode: who works on which shard
   claims/static/00000/ATTEMPT/ static mode, engines_per_task > 1: how one task attempt's engines share its shards
   tasks/00000.engine-01.json   engines_per_task > 1: engine 1 of task 0 (host, pid, GPUs, exit code)
   logs/engines/00000-01.log    that engine's log
-  tasks/00000.json             SLURM task records (slurm_task.py)
+  tasks/00000.json             SLURM task records (executors/slurm_task.py)
   tasks/local-00000.{lock,json} local executor: held while the task is queued or runs; its pid, host, exit code
-  logs/                        executor logs (submitit's stdout/stderr per task)
+  logs/slurm/JOB/              SLURM executor: submitit's pickles and stdout/stderr per task
+  logs/local-task-0.log        local executor: the task's log
   lock                         held while a submit is in progress
 """
 
@@ -211,6 +214,29 @@ class RunDir:
     @property
     def tasks_dir(self) -> Path:
         return self.root / "tasks"
+
+    def task_record(self, task: int) -> Path:
+        """SLURM executor: the array task's record (job id, attempts, requeues, failures, last error, logs)."""
+        return self.tasks_dir / f"{shard_name(task)}.json"
+
+    @property
+    def jobs_path(self) -> Path:
+        """Every submission of the run (executor, job ids, task ids in array order): the jobs registry."""
+        return self.root / "jobs.json"
+
+    @property
+    def submitit_folder(self) -> Path:
+        """Where submitit keeps each array task's pickles and logs: logs/slurm/<array>_<index>/ (%j: the job id)."""
+        return self.logs_dir.resolve() / "slurm" / "%j"
+
+    def local_task_log(self, task: int) -> Path:
+        """Local executor: the task's stdout and stderr."""
+        return self.logs_dir / f"local-task-{task}.log"
+
+    @property
+    def vllm_cache_dir(self) -> Path:
+        """vLLM's compile cache with engine.compile_cache: run."""
+        return self.root / "cache" / "vllm"
 
     def local_task_lock(self, task: int) -> Path:
         """Local executor: flock-ed for as long as the task is queued in its submit or its worker runs."""
