@@ -23,8 +23,8 @@ from hpcrollout.worker import committed_parts, run_task
 from tests.conftest import make_config, make_prompts, write_input
 from tests.slurm_fixtures import sample_keys, wait_until
 
-N_PROMPTS = 24
-N_SHARDS = 6
+N_PROMPTS = 12
+N_SHARDS = 4
 
 
 def _engine_pid(rundir: RunDir, engine: int) -> int | None:
@@ -53,13 +53,21 @@ def _stopped(pid: int | None) -> bool:
         return False
 
 
-@pytest.mark.parametrize("mode", ["static", "dynamic"])
-def test_engines_share_a_task_and_a_sigkilled_engine_loses_nothing(tmp_path, tiny_model, mode):
-    inp = write_input(tmp_path / "in.parquet", make_prompts(N_PROMPTS))
-    ref_cfg = make_config(tmp_path / "ref", tiny_model, inp, sharding={"num_shards": N_SHARDS})
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model):
+    """The input, and its merged output from one engine, uninterrupted."""
+    tmp = tmp_path_factory.mktemp("ref")
+    inp = write_input(tmp / "in.parquet", make_prompts(N_PROMPTS))
+    ref_cfg = make_config(tmp, tiny_model, inp, sharding={"num_shards": N_SHARDS})
     prepare_run(ref_cfg)
-    run_task(ref_cfg.run_dir, 0)  # one engine, uninterrupted
-    merge_run(ref_cfg.run_dir, tmp_path / "ref.parquet")
+    run_task(ref_cfg.run_dir, 0)
+    merge_run(ref_cfg.run_dir, tmp / "ref.parquet")
+    return inp, pq.read_table(tmp / "ref.parquet")
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_engines_share_a_task_and_a_sigkilled_engine_loses_nothing(tmp_path, tiny_model, reference, mode):
+    inp, ref = reference
 
     config = make_config(
         tmp_path, tiny_model, inp, sharding={"num_shards": N_SHARDS, "mode": mode},
@@ -99,7 +107,7 @@ def test_engines_share_a_task_and_a_sigkilled_engine_loses_nothing(tmp_path, tin
     assert {(m["engine_index"], tuple(m["gpus"]), m["pid"]) for m in markers.values()} <= {(0, ("0",), pid0), (1, ("1",), pid1)}
 
     merge_run(rundir.root, tmp_path / "out.parquet")
-    merged, ref = pq.read_table(tmp_path / "out.parquet"), pq.read_table(tmp_path / "ref.parquet")
+    merged = pq.read_table(tmp_path / "out.parquet")
     keys = sample_keys(merged)
     assert len(keys) == len(set(keys)) == N_PROMPTS * config.sampling.n  # every (uid, sample) once
     assert merged.equals(ref)  # same prompts, same seeds: equal to the uninterrupted run
