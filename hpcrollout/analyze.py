@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.histogram import LengthHistogram
-from hpcrollout.sources import Source, add_input_args, open_source, run_standalone
+from hpcrollout.sources import Source, WholePrompts, add_input_args, open_source, prompt_starts, run_standalone
 
 if TYPE_CHECKING:
     from hpcrollout.scoring.metrics import ScoreAnalysis
@@ -66,7 +66,7 @@ class Analysis:
         self.has_groups = True
         self.schema_checked: int | None = None  # responses with a schema_valid flag (None: no such column)
         self.schema_valid = 0
-        self._pending: pa.Table | None = None  # flattened input: the last uid group, continued in the next batch
+        self._whole = WholePrompts()  # flattened input: whole prompts, a uid run never split over two batches
 
     # ---- per response ----
     def _responses(self, resp: pa.Array, tokens: pa.Array | None, finish: pa.Array | None) -> None:
@@ -177,32 +177,19 @@ class Analysis:
                 if "error" in names:
                     self.error_rows += batch.num_rows - batch.column("error").null_count
                 return
-            table = pa.Table.from_batches(
-                [batch.select([c for c in ("uid", "response", "error", "prompt_tokens") if c in names])]
+            table = self._whole.push(
+                pa.Table.from_batches(
+                    [batch.select([c for c in ("uid", "response", "error", "prompt_tokens") if c in names])]
+                )
             )
-            if self._pending is not None:
-                table = pa.concat_tables([self._pending, table])
-        elif self._pending is not None:
-            table = self._pending
         else:
+            table = self._whole.push(None)
+        if table is None:
             return
-        table = table.combine_chunks()
-        uid = table.column("uid").chunk(0) if table.num_rows else pa.array([], pa.string())
-        starts = np.ones(len(uid), dtype=bool)
-        if len(uid) > 1:
-            starts[1:] = _np(pc.not_equal(uid[1:], uid[:-1]), True)
+        uid = table.column("uid").chunk(0)
+        starts = prompt_starts(uid)
         group = np.cumsum(starts) - 1
-        ngroups = int(group[-1]) + 1 if len(group) else 0
-        if batch is not None and ngroups:
-            # The last group may continue in the next batch: hold it back.
-            cut = int(np.flatnonzero(starts)[-1])
-            self._pending = table.slice(cut)
-            table, group, ngroups = table.slice(0, cut), group[:cut], ngroups - 1
-            uid = uid[:cut]
-        else:
-            self._pending = None
-        if ngroups == 0:
-            return
+        ngroups = int(group[-1]) + 1
         first = pa.array(np.flatnonzero(starts[: len(group)]))
         resp = table.column("response").combine_chunks() if table.num_rows else pa.array([], pa.string())
         valid = _np(pc.is_valid(resp), False)

@@ -7,7 +7,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -39,6 +39,20 @@ class DataConfig(_Section):
     lora_column: str | None = Field(
         None,
         description="Column with each row's LoRA adapter directory; a null cell takes model.lora (or the base model).",
+    )
+    image_column: str | None = Field(
+        None,
+        description=(
+            "Column with each row's images (binary, a {bytes, path} struct as Hugging Face datasets store images, "
+            "or a list of them), taken in order by the prompt's {type: image} content parts."
+        ),
+    )
+    image_dir: str | None = Field(
+        None,
+        description=(
+            "Directory that relative image paths in image_url parts resolve against; default: the directory of "
+            "data.input (a file's parent, a directory input itself, a glob's directory before its first wildcard)."
+        ),
     )
     structured_outputs_column: str | None = Field(
         None,
@@ -93,6 +107,16 @@ class EngineConfig(_Section):
             "flight (each sample growing to its known or learned length) stays within this fraction of the cache "
             "at every future step, so vLLM need not preempt and recompute; null hands vLLM the whole read-ahead "
             "window at once."
+        ),
+    )
+    pacing: Annotated[float, Field(gt=0, le=10)] | Literal["auto"] | None = Field(
+        "auto",
+        description=(
+            "vLLM backend, with kv_budget: also hand prompts over no faster than the cache can hold them over their "
+            "lives (a bucket of KV token-steps, refilled every step), so samples of equal known length start "
+            "staggered instead of in waves that all finish at once. The number is the bucket's size in expected "
+            "sample lengths; 'auto' (default): 0.1 while every sample's length is known and the same (ignore_eos and "
+            "one max_tokens for every prompt read), else off; null: off. See hpcrollout/engines/admission.py."
         ),
     )
     compile_cache: str = Field(
@@ -348,7 +372,7 @@ class RunConfig(_Section):
 
 # sampling keys newer than the fingerprint; hashed only when set (see generation_fingerprint).
 _LATER_SAMPLING_KEYS = ("kwargs", "structured_outputs")
-_LATER_DATA_KEYS = ("structured_outputs_column", "lora_column")
+_LATER_DATA_KEYS = ("structured_outputs_column", "lora_column", "image_column", "image_dir")
 _LATER_MODEL_KEYS = ("lora",)
 # Engine keys that change what is sampled (numerics, weights, context): fingerprinted like sampling.*. The other
 # engine keys (parallelism, memory, batch sizes, kv_budget, device, ...) are resources and may change on resume.
@@ -508,6 +532,7 @@ PATH_KEYS = (
     ("model", "tokenizer"),
     ("model", "chat_template"),
     ("model", "lora"),
+    ("data", "image_dir"),
     (None, "run_dir"),
 )
 # A model or tokenizer given as a hub name ("Qwen/Qwen3-4B", "gpt2") rather than a directory.

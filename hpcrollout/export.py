@@ -77,7 +77,10 @@ def _per_response(source: Source, batch_rows: Iterator[dict[str, Any]]) -> Itera
 
 
 def _chat_record(item: dict[str, Any], prompt_col: str, fmt: str, extra: tuple[str, ...]) -> dict[str, Any] | None:
-    messages, text = normalize_prompt(item.get(prompt_col))
+    messages, text = normalize_prompt(item.get(prompt_col), images=True)
+    for m in messages or []:
+        if isinstance(m["content"], list):
+            m["content"] = [_exported_part(p) for p in m["content"]]
     if messages is None:
         messages = [{"role": "user", "content": text or ""}]
     answer = {"role": "assistant", "content": item["response"]}
@@ -89,6 +92,13 @@ def _chat_record(item: dict[str, Any], prompt_col: str, fmt: str, extra: tuple[s
         if key in item:
             rec[key] = item[key]
     return rec
+
+
+def _exported_part(part: dict[str, Any]) -> dict[str, Any]:
+    """A content part as the input gave it: text, an image_url, or {"type": "image"} (the image column's next)."""
+    if part["type"] != "image":
+        return part
+    return {"type": "image_url", "image_url": {"url": part["source"]}} if part["source"] else {"type": "image"}
 
 
 def _open_text(path: Path, gz: bool) -> IO[str]:

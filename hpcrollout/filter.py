@@ -32,7 +32,6 @@ from hpcrollout.scoring.metrics import (
     parse_solve_rate,
     response_score_mask,
     row_solve_rate_mask,
-    whole_prompt_batches,
 )
 from hpcrollout.sources import (
     DEFAULT_COMPRESSION,
@@ -44,6 +43,7 @@ from hpcrollout.sources import (
     open_source,
     parquet_output,
     run_standalone,
+    whole_prompt_batches,
 )
 
 log = logging.getLogger("hpcrollout")

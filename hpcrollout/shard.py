@@ -1,8 +1,9 @@
 """Prepare a run directory: validate the input, cut it into shards balanced by estimated work.
 
 Two streaming passes over the input's row groups, so 10^7 rows fit in bounded memory:
-1. the prompt (and id) column only: estimated work per row = prompt tokens + n * max_tokens (a float32
-   array, 40 MB for 10^7 rows), id uniqueness checked through 64-bit hashes;
+1. the prompt (and id) column only: estimated work per row = prompt tokens (image tokens included, see
+   images.ImageTokens) + n * max_tokens (a float32 array, 40 MB for 10^7 rows), id uniqueness checked
+   through 64-bit hashes;
 2. all columns: each row gets its global row index and uid and is written to its shard's Parquet file.
 Shards are contiguous row ranges, so merge restores input order by concatenating shards.
 """
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 from hpcrollout import __version__
 from hpcrollout.config import RunConfig, add_override_arg, load_config, sample_engine_settings
 from hpcrollout.errors import HpcRolloutError
+from hpcrollout.images import ImageTokens, column_digest, image_base, row_image_tokens
 from hpcrollout.prompts import derive_uid, prompt_chars
 from hpcrollout.rundir import RunDir, atomic_path, write_atomic, write_json_atomic
 from hpcrollout.schema import INTERNAL_COLUMNS, INTERNAL_PREFIX, RESULT_COLUMNS, ROW, UID
@@ -128,7 +130,7 @@ def check_columns(path: Path, schema: pa.Schema, config: RunConfig) -> None:
         raise HpcRolloutError(f"input {path} has no max_tokens column {budget!r} (data.max_tokens_column); columns: {', '.join(names)}")
     if budget and not pa.types.is_integer(schema.field(budget).type):
         raise HpcRolloutError(f"input {path}: column {budget!r} (data.max_tokens_column) must hold integers, not {schema.field(budget).type}")
-    for key in ("structured_outputs_column", "lora_column"):
+    for key in ("structured_outputs_column", "lora_column", "image_column"):
         column = getattr(config.data, key)
         if column and column not in names:
             raise HpcRolloutError(f"input {path} has no column {column!r} (data.{key}); columns: {', '.join(names)}")
@@ -185,12 +187,28 @@ def _hash64(values: list[Any]) -> np.ndarray:
 def scan_input(pf: InputFiles, path: Path, config: RunConfig) -> np.ndarray:
     """Pass 1: estimated work per row (prompt tokens + n x max_tokens); checks the id column (non-null, unique)."""
     data, sp = config.data, config.sampling
-    cols = list(dict.fromkeys(c for c in (data.prompt_column, data.id_column, data.max_tokens_column) if c))
+    cols = list(
+        dict.fromkeys(c for c in (data.prompt_column, data.id_column, data.max_tokens_column, data.image_column) if c)
+    )
     work = np.empty(pf.num_rows, dtype=np.float32)
     hashes = []
     offset = 0
+    # image parts: their tokens, estimated from each image's size (hpcrollout/images.py, ImageTokens)
+    images = data.image_column is not None or "image" in str(pf.schema_arrow.field(data.prompt_column).type)
+    count = ImageTokens(config.model.path) if images else None
+    base = image_base(config)
     for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=cols):
         chars = _prompt_chars(batch.column(data.prompt_column))
+        if count is not None:
+            column = data.image_column
+            pictures = batch.column(column).to_pylist() if column else [None] * len(chars)
+            chars = chars + CHARS_PER_TOKEN * np.array(
+                [
+                    row_image_tokens(c, p, column, base, count)
+                    for c, p in zip(batch.column(data.prompt_column).to_pylist(), pictures)
+                ],
+                dtype=np.float64,
+            )
         budget: np.ndarray | float = sp.max_tokens
         if data.max_tokens_column:
             budget = pc.fill_null(batch.column(data.max_tokens_column), sp.max_tokens).to_numpy(zero_copy_only=False)
@@ -264,6 +282,7 @@ def _write_shards(pf: InputFiles, rundir: RunDir, config: RunConfig, ranges: lis
     schema = pf.schema_arrow.append(pa.field(ROW, pa.int64())).append(pa.field(UID, pa.string()))
     id_col = config.data.id_column
     prompt_col = config.data.prompt_column
+    image_col = config.data.image_column
     shard, offset = 0, 0
     writer: pq.ParquetWriter | None = None
     cm = None
@@ -287,6 +306,10 @@ def _write_shards(pf: InputFiles, rundir: RunDir, config: RunConfig, ranges: lis
             rows = np.arange(offset, offset + batch.num_rows, dtype=np.int64)
             if id_col:
                 uids = [str(v) for v in batch.column(id_col).to_pylist()]
+            elif image_col:  # the row's images are part of its content (hpcrollout/images.py)
+                pictures = batch.column(image_col).to_pylist()
+                cells = batch.column(prompt_col).to_pylist()
+                uids = [derive_uid(int(r), c, column_digest(p, image_col)) for r, c, p in zip(rows, cells, pictures)]
             else:
                 uids = [derive_uid(int(r), c) for r, c in zip(rows, batch.column(prompt_col).to_pylist())]
             table = (

@@ -274,6 +274,52 @@ def open_source(path: str | Path, batch_rows: int | None = None, partial: bool =
     )
 
 
+class WholePrompts:
+    """Flattened rows re-cut at prompt boundaries, so that no prompt (a run of one uid) spans two tables.
+
+    ``push(table)`` takes the next rows and returns the complete prompts among everything pushed so far, the last
+    uid run held back because the next rows may continue it; ``push(None)`` at the end returns what was held
+    back. A null uid is a prompt of its own row. Used by analyze, scoring metrics and filter, which read
+    flattened files in batches of rows, not of prompts.
+    """
+
+    def __init__(self) -> None:
+        self._pending: pa.Table | None = None
+
+    def push(self, table: pa.Table | None) -> pa.Table | None:
+        """Complete prompts so far as one-chunk table (None: nothing complete yet); ``table`` None: the end."""
+        if table is None:
+            table, self._pending = self._pending, None
+            return table.combine_chunks() if table is not None and table.num_rows else None
+        if self._pending is not None:
+            table = pa.concat_tables([self._pending, table])
+        table = table.combine_chunks()
+        if table.num_rows == 0:
+            self._pending = None
+            return None
+        cut = int(np.flatnonzero(prompt_starts(table.column("uid").chunk(0)))[-1])
+        self._pending = table.slice(cut)
+        return table.slice(0, cut) if cut else None
+
+
+def prompt_starts(uid: pa.Array) -> np.ndarray:
+    """True where a prompt starts in flattened rows: the first row and every change of uid (a null uid included)."""
+    starts = np.ones(len(uid), dtype=bool)
+    if len(uid) > 1:
+        starts[1:] = pc.not_equal(uid[1:], uid[:-1]).fill_null(True).to_numpy(zero_copy_only=False)
+    return starts
+
+
+def whole_prompt_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Flattened batches re-cut so that no prompt (a run of one uid) spans two of them (see WholePrompts)."""
+    prompts = WholePrompts()
+    for batch in batches:
+        if (table := prompts.push(pa.Table.from_batches([batch]))) is not None:
+            yield from table.to_batches()
+    if (table := prompts.push(None)) is not None:
+        yield from table.to_batches()
+
+
 class BackgroundWriter:
     """Writes batches in a thread (Arrow releases the GIL), so encoding overlaps reading and computing.
 

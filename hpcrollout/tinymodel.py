@@ -3,6 +3,8 @@
 ``build_tiny_model(dir)`` writes a random-weight Qwen3-architecture model (a few hundred KB) with a
 byte-level BPE tokenizer and a ChatML chat template, loadable by transformers and vLLM alike.
 ``build_tiny_adapter(model_dir, dir)`` writes a random LoRA adapter for it (PEFT format; needs peft).
+``build_tiny_vlm(dir)`` writes a random-weight vision-language model (LLaVA: a CLIP vision tower and a Llama
+decoder) with its processor, for image prompts on both backends.
 ``build_model_shape(dir, "qwen3-4b")`` writes only config.json + tokenizer of a real model shape, for
 vLLM's ``load_format="dummy"`` (random weights, real compute) in throughput benchmarks.
 
@@ -183,6 +185,80 @@ def build_tiny_adapter(model_dir: str | Path, out_dir: str | Path, rank: int = 4
     model = get_peft_model(base, lora)
     model.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+# The chat template of the tiny VLM: ChatML, an image part becomes the processor's <image> placeholder.
+VLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_vlm(out_dir: str | Path, image_size: int = 56, patch_size: int = 14, seed: int = 0) -> Path:
+    """A random-weight LLaVA model (CLIP vision tower, Llama decoder, head_dim 64 in both as vLLM's kernels want)
+    with a LlavaProcessor (CLIP image processor, the ChatML tokenizer plus ``<image>``): each image becomes
+    (image_size / patch_size)^2 = 16 prompt tokens. About 8 MB; loadable by transformers and vLLM."""
+    import torch
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out, vocab_size=1024)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = VLM_CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(out))
+    pad, eos = tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = LlavaConfig(
+        text_config=dict(
+            model_type="llama",
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=4096,
+            bos_token_id=pad,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch_size,
+            projection_dim=128,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(config).save_pretrained(str(out))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "bos_token_id": pad}) + "\n")
+    images = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    images.save_pretrained(str(out))  # preprocessor_config.json, which older loaders (and vLLM's) look for
+    LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        chat_template=VLM_CHAT_TEMPLATE,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    ).save_pretrained(str(out))
+    return out
 
 
 def ensure_tiny_model(out_dir: str | Path, **kwargs: Any) -> Path:

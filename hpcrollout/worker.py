@@ -35,6 +35,7 @@ from hpcrollout.config import RunConfig, exact_budgets
 from hpcrollout.engines import Engine, PromptRequest, PromptResult, create_engine, prompt_seed
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.executors.engine_group import engine_identity
+from hpcrollout.images import BadImage, image_base, prompt_images
 from hpcrollout.prompts import BadPrompt, normalize_prompt
 from hpcrollout.rundir import RunDir, atomic_path, fsync_dir, static_task, write_json_atomic
 from hpcrollout.schema import PART_ROW, ROW, UID, results_to_table, run_result_schema
@@ -292,14 +293,18 @@ class ShardRun:
         pf = pq.ParquetFile(self.rundir.shard_input(self.shard))
         seed = self.config.sampling.seed
         columns = [data.prompt_column, ROW, UID] + ([data.max_tokens_column] if data.max_tokens_column else [])
-        schemas_column, lora_column = data.structured_outputs_column, data.lora_column
-        extra = [c for c in (schemas_column, lora_column) if c]
-        for batch in pf.iter_batches(batch_size=1024, columns=columns + extra):
+        schemas_column, lora_column, image_column = data.structured_outputs_column, data.lora_column, data.image_column
+        extra = list(dict.fromkeys(c for c in (schemas_column, lora_column, image_column) if c))
+        base = image_base(self.config)
+        for batch in pf.iter_batches(batch_size=64 if image_column else 1024, columns=columns + extra):
             cells, rows, uids = (batch.column(i).to_pylist() for i in range(3))
             budgets = batch.column(3).to_pylist() if data.max_tokens_column else [None] * len(rows)
             schemas = batch.column(schemas_column).to_pylist() if schemas_column else [None] * len(rows)
             adapters = batch.column(lora_column).to_pylist() if lora_column else [None] * len(rows)
-            for cell, row, uid, budget, schema, adapter in zip(cells, rows, uids, budgets, schemas, adapters):
+            pictures = batch.column(image_column).to_pylist() if image_column else [None] * len(rows)
+            for cell, row, uid, budget, schema, adapter, picture in zip(
+                cells, rows, uids, budgets, schemas, adapters, pictures
+            ):
                 if row in skip:
                     continue
                 lora = adapter or self.config.model.lora  # a null cell: the run's adapter (or the base model)
@@ -307,9 +312,14 @@ class ShardRun:
                     uid=uid, row=row, messages=None, text=None, seed=prompt_seed(seed, uid), lora=lora
                 )
                 try:
-                    messages, text = normalize_prompt(cell, data.max_prompt_chars)
+                    messages, text = normalize_prompt(cell, data.max_prompt_chars, images=True)
                 except BadPrompt as exc:
                     self.add(PromptResult.failed(request, f"bad prompt: {exc}"))
+                    continue
+                try:
+                    messages, images = prompt_images(messages, picture, image_column, base)
+                except BadImage as exc:
+                    self.add(PromptResult.failed(request, f"bad image: row {row}, {exc}"))
                     continue
                 if budget is not None and (not isinstance(budget, int) or budget < 1):
                     self.add(PromptResult.failed(request, f"{data.max_tokens_column} must be a positive integer, got {budget!r}"))
@@ -328,6 +338,7 @@ class ShardRun:
                     max_tokens=budget,
                     structured_outputs=constraint,
                     lora=lora,
+                    images=images,
                 )
 
     def add(self, result: PromptResult) -> None:

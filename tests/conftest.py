@@ -30,6 +30,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight LLaVA model (CLIP tower, Llama decoder) with its processor: 16 prompt tokens an image."""
+    from hpcrollout.tinymodel import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "tiny")
+
+
 def make_prompts(n: int, extra: bool = True) -> list[dict[str, Any]]:
     rows = []
     for i in range(n):

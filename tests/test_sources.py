@@ -11,7 +11,7 @@ import pytest
 
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.schema import OPTIONAL_FIELDS, RESULT_FIELDS
-from hpcrollout.sources import FLATTENED, MERGED, open_source, parquet_output
+from hpcrollout.sources import FLATTENED, MERGED, WholePrompts, open_source, parquet_output, whole_prompt_batches
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
@@ -146,3 +146,21 @@ def test_background_write_error_reaches_the_caller(tmp_path: Path) -> None:
         for _ in range(5):  # raises here once the writer thread has failed, or at the end of the block
             w.write_batch(pa.record_batch([pa.array([1])], schema=schema))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_whole_prompts_never_split_a_uid_run_whatever_the_batch_cuts():
+    uids = ["a", "a", "b", None, None, "c", "c", "c", "d"]
+    table = pa.table({"uid": uids, "i": list(range(len(uids)))})
+    for size in range(1, len(uids) + 1):
+        batches = table.to_batches(max_chunksize=size)
+        out = list(whole_prompt_batches(iter(batches)))
+        assert [r for b in out for r in b.column("i").to_pylist()] == list(range(len(uids)))
+        for b, nxt in zip(out, out[1:]):  # a prompt that ends one batch does not go on in the next
+            last, first = b.column("uid")[-1].as_py(), nxt.column("uid")[0].as_py()
+            assert last is None or last != first, size
+    prompts = WholePrompts()
+    assert prompts.push(pa.table({"uid": ["x", "x"]})) is None  # the last run is held back
+    assert prompts.push(pa.table({"uid": pa.array([], pa.string())})) is None
+    assert prompts.push(pa.table({"uid": ["x", "y"]})).column("uid").to_pylist() == ["x", "x", "x"]
+    assert prompts.push(None).column("uid").to_pylist() == ["y"]
+    assert prompts.push(None) is None

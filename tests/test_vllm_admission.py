@@ -9,6 +9,7 @@ recomputed later). The real engine is tested on a GPU (tests/gpu); this checks t
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 import types
@@ -127,7 +128,7 @@ class FakeLLMEngine:
         if 0 in ids:
             raise ValueError("token id 0 is not in the vocabulary")  # how a rejected prompt looks
         self.added.append(request_id)
-        self.requests[request_id] = {"prompt": ids, "n": params.n, "done": {}, "seed": params.seed, "params": params, "lora": lora_request}
+        self.requests[request_id] = {"prompt": ids, "n": params.n, "done": {}, "seed": params.seed, "params": params, "lora": lora_request, "input": prompt}
         for i in range(params.n):
             length = params.max_tokens
             if not params.ignore_eos and self.eos_mean:
@@ -201,13 +202,40 @@ class FakeLLMEngine:
 
 
 class FakeTokenizer:
+    """Words are token 5 ("BAD": 0, which the stand-in engine rejects); an image part is one IMG, token 9."""
+
     chat_template = "{{ messages }}"
 
-    def apply_chat_template(self, messages: list[dict[str, str]], **kw: Any) -> str:
-        return " ".join(m["content"] for m in messages)
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kw: Any) -> str:
+        def text(content: Any) -> str:
+            if isinstance(content, str):
+                return content
+            return " ".join("IMG" if p["type"] == "image" else p["text"] for p in content)
+
+        return " ".join(text(m["content"]) for m in messages)
 
     def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict[str, Any]:
-        return {"input_ids": [[0 if w == "BAD" else 5 for w in t.split()] for t in texts]}
+        ids = {"BAD": 0, "IMG": 9}
+        return {"input_ids": [[ids.get(w, 5) for w in t.split()] for t in texts]}
+
+
+IMAGE_TOKENS = 16  # what the stand-in renderer expands each image placeholder to
+
+
+class FakeRenderer:
+    """vLLM 0.26's LLM.renderer.render_cmpl for token prompts with images: the processed multimodal input, each
+    placeholder (9) expanded to IMAGE_TOKENS tokens; records the calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def render_cmpl(self, prompts: list[dict[str, Any]], skip_mm_cache: bool = False) -> list[dict[str, Any]]:
+        self.calls.append({"prompts": prompts, "skip_mm_cache": skip_mm_cache})
+        out = []
+        for prompt in prompts:
+            ids = [t for tok in prompt["prompt_token_ids"] for t in ([9] * IMAGE_TOKENS if tok == 9 else [tok])]
+            out.append({"type": "multimodal", "prompt_token_ids": ids, "mm_hashes": prompt["multi_modal_uuids"]})
+        return out
 
 
 class FakeLLM:
@@ -243,6 +271,9 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> list[FakeLLMEngine]:
     modules = {"vllm": vllm, "vllm.sampling_params": sampling, "vllm.inputs": inputs, "vllm.lora.request": lora}
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr("hpcrollout.engines.vllm_compat._warned", set())  # each test sees its own warnings
+    # the CLI's logging setup (run by earlier tests in this process) stops propagation; caplog needs it
+    monkeypatch.setattr(logging.getLogger("hpcrollout"), "propagate", True)
     # The projection is rebuilt on every change of progress here, so the outcomes do not depend on the
     # machine's speed (the backend rebuilds it at most every 0.1 s of the client's time).
     monkeypatch.setattr("hpcrollout.engines.admission._REBUILD_S", 0.0)
@@ -258,6 +289,7 @@ def make_engine(
     longest_first: bool = False,
     eos_mean: float | None = None,
     max_num_seqs: int = 256,
+    pacing: Any = "auto",
     **sampling: Any,
 ):
     from hpcrollout.engines.vllm_engine import VllmEngine
@@ -266,7 +298,7 @@ def make_engine(
         {
             "backend": "vllm",
             "model": {"path": "/nonexistent"},
-            "engine": {"kv_budget": kv_budget, "longest_first": longest_first},
+            "engine": {"kv_budget": kv_budget, "longest_first": longest_first, "pacing": pacing},
             "sampling": {"n": n, "max_tokens": max_tokens, "ignore_eos": ignore_eos, "seed": 3, **sampling},
         }
     )
@@ -609,3 +641,204 @@ def test_a_run_adapter_sets_the_engine_args_and_engine_kwargs_win(fake_vllm, tmp
 
     with pytest.raises(HpcRolloutError, match=r"^model.lora: LoRA adapter .*cannot read"):
         llm_kwargs(build_config({"model": {"path": "m", "lora": str(tmp_path / "nope")}}))
+
+
+def test_pacing_staggers_equal_lengths_instead_of_waves_and_never_overflows(fake_vllm):
+    from hpcrollout.benchmarks.admission_bound import simulate_hpcrollout
+
+    # ~3.5 caches of work, every sample 200 tokens (ignore_eos): the greedy peak rule runs it in 4 waves that
+    # each finish together; pacing starts prompts staggered, so the cache stays full and the work ends sooner
+    # (the admission itself against the benchmark's step model of the cache).
+    prompts = [30 + i % 7 for i in range(130)]
+    greedy = simulate_hpcrollout(prompts, 4, 200, 40_000, 1024)
+    paced = simulate_hpcrollout(prompts, 4, 200, 40_000, 1024, pacing=0.1)
+    assert greedy["steps"] == 4 * 200 and paced["steps"] < 0.85 * greedy["steps"]
+    assert paced["peak_projected"] <= 40_000
+    # Through the backend and the stand-in engine: each prompt once, never over the cache, the bucket used.
+    for pacing in (None, "auto"):
+        engine, fake = make_engine(1.0, capacity=8000, n=4, max_tokens=200, max_num_seqs=1024, pacing=pacing)
+        got = list(engine.generate(requests([200] * 50)))
+        assert sorted(r.row for r in got) == list(range(50))
+        assert all([s.num_tokens for s in r.samples] == [200] * 4 for r in got)
+        assert fake.preemptions == 0 and fake.peak_used <= 8000  # known lengths: still never over the cache
+        info = engine.admission.describe()
+        assert (info["pacing"], info["paced"] > 0) == ((None, False) if pacing is None else (0.1, True))
+
+
+def test_auto_pacing_stays_off_for_unequal_or_unknown_lengths_and_for_one_wave(fake_vllm):
+    engine, _ = make_engine(1.0, capacity=8000, n=4, max_tokens=400, max_num_seqs=1024)
+    list(engine.generate(requests([50, 400, 120, 300] * 10)))  # a mix: the greedy rule staggers by itself
+    assert engine.admission.describe()["pacing"] is None and engine.admission.paced == 0
+    engine, _ = make_engine(1.0, capacity=8000, n=4, max_tokens=200, ignore_eos=False, eos_mean=60.0)
+    list(engine.generate(requests([200] * 40)))  # lengths unknown
+    assert engine.admission.describe()["pacing"] is None and engine.admission.paced == 0
+    # everything fits at once: no later wave to make room for, so nothing waits for the bucket
+    engine, fake = make_engine(1.0, capacity=8000, n=4, max_tokens=200, max_num_seqs=1024)
+    list(engine.generate(requests([200] * 8)))
+    assert engine.admission.paced == 0 and fake.steps == 200
+
+
+# ------------------------------------------------------------------------------------------ image prompts
+def _png(color: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def image_requests() -> list[PromptRequest]:
+    from hpcrollout.images import ImageInput
+
+    content = [{"type": "image"}, {"type": "text", "text": "w w w"}]
+    images = [(ImageInput("red.png", _png((255, 0, 0))),), (ImageInput("img[0]", b"junk"),), ()]
+    out = []
+    for row, pics in enumerate(images):
+        messages = [{"role": "user", "content": content if pics else "w w w"}]
+        out.append(PromptRequest(f"i{row}", row, messages, None, prompt_seed(3, f"i{row}"), images=pics))
+    return out
+
+
+def test_image_prompts_reach_add_request_through_vllms_renderer(fake_vllm):
+    """vLLM 0.26: the image prompt is rendered by LLM.renderer.render_cmpl (skip_mm_cache: the sender-side cache
+    is left alone) from the token ids with one placeholder and the decoded image, with its content hash as
+    multi_modal_uuids; the rendered input reaches add_request and its expanded length is the prompt's."""
+    from hpcrollout.images import ImageInput
+
+    engine, fake = make_engine(1.0, capacity=6000, n=2, max_tokens=4)
+    engine.llm.renderer = renderer = FakeRenderer()
+    results = {r.row: r for r in engine.generate(image_requests())}
+    (call,) = renderer.calls
+    assert call["skip_mm_cache"] is True
+    (prompt,) = call["prompts"]
+    assert prompt["prompt_token_ids"] == [9, 5, 5, 5]
+    (picture,) = prompt["multi_modal_data"]["image"]
+    assert (picture.mode, picture.size, picture.getpixel((0, 0))) == ("RGB", (8, 8), (255, 0, 0))
+    assert prompt["multi_modal_uuids"] == {"image": [ImageInput("red.png", _png((255, 0, 0))).digest]}
+    sent = {int(rid.split("-")[0]): req["input"] for rid, req in fake.requests.items()}
+    assert sent[0]["type"] == "multimodal" and sent[0]["prompt_token_ids"] == [9] * IMAGE_TOKENS + [5, 5, 5]
+    assert sent[2] == {"prompt_token_ids": [5, 5, 5]}  # text rows: token ids as before
+    assert results[0].error is None and results[0].prompt_tokens == IMAGE_TOKENS + 3
+    assert results[1].error.startswith("bad image: row 1, image 0 (img[0]: not a readable image")
+    assert results[2].error is None and 1 not in sent
+
+
+def test_an_image_prompt_too_long_once_expanded_is_an_error_row(fake_vllm):
+    engine, fake = make_engine(1.0, capacity=6000, n=1, max_tokens=4)
+    engine.llm.renderer = FakeRenderer()
+    engine.max_model_len = 10  # 4 tokens as written, 19 once the image is expanded
+    results = {r.row: r for r in engine.generate(image_requests()[:1])}
+    assert results[0].error.startswith("prompt has 19 tokens, more than engine.max_model_len=10")
+
+
+def test_without_vllms_renderer_image_prompts_go_to_add_request_as_token_prompts(fake_vllm, caplog):
+    engine, fake = make_engine(1.0, capacity=6000, n=1, max_tokens=4)
+    with caplog.at_level("WARNING", logger="hpcrollout"):
+        results = {r.row: r for r in engine.generate(image_requests())}
+    (request,) = [req["input"] for req in fake.requests.values() if "multi_modal_data" in req["input"]]
+    assert request["prompt_token_ids"] == [9, 5, 5, 5] and len(request["multi_modal_data"]["image"]) == 1
+    assert results[0].error is None
+    assert "has no LLM.renderer.render_cmpl; image prompts go to add_request as TokensPrompt" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ vLLM versions
+@pytest.mark.parametrize(("version", "tested"), [("0.26.0", True), ("0.27.1", False), ("fake", False)])
+def test_the_tested_versions_are_logged_and_another_is_warned_about(fake_vllm, caplog, version, tested):
+    sys.modules["vllm"].__version__ = version
+    with caplog.at_level("INFO", logger="hpcrollout"):
+        engine, _ = make_engine(1.0, capacity=6000)
+    assert engine.api.tested is tested
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "not a version hpcrollout was tested" in r.message]
+    assert len(warned) == (0 if tested else 1)
+    expected = (
+        "vLLM 0.26.0 (hpcrollout is tested with vLLM 0.26.0)"
+        if tested
+        else f"vLLM {version} is not a version hpcrollout was tested with (0.26.0)"
+    )
+    assert expected in caplog.text
+
+
+def test_an_untested_vllm_without_flat_logprobs_does_not_get_it(fake_vllm):
+    sys.modules["vllm"].__version__ = "0.30.0"
+    FakeSamplingParams.__struct_fields__ = ("n", "max_tokens", "seed", "logprobs")  # as a msgspec Struct lists them
+    try:
+        engine, _ = make_engine(1.0, capacity=6000, logprobs=True)
+    finally:
+        del FakeSamplingParams.__struct_fields__
+    assert "flat_logprobs" not in engine.base_sampling
+
+
+def test_without_the_output_stream_hook_progress_is_off_with_one_warning(fake_vllm, caplog):
+    """vLLM internals read by the backend, removed one by one: each feature turns off with one warning, and
+    every prompt still comes back once."""
+    engine, fake = make_engine(1.0, capacity=6000, n=2, max_tokens=8)
+    del fake.output_processor
+    with caplog.at_level("WARNING", logger="hpcrollout"):
+        for _ in range(2):
+            got = list(engine.generate(requests([8] * 5)))
+            assert sorted(r.row for r in got) == list(range(5))
+    assert caplog.text.count("per-sample progress is off") == 1
+    assert engine.generated_tokens == 0 and not engine._watching
+
+
+def test_request_states_without_the_fields_read_turn_progress_off(fake_vllm, caplog):
+    engine, fake = make_engine(1.0, capacity=6000, n=2, max_tokens=8)
+    add = fake.add_request
+
+    def add_request(*args: Any, **kwargs: Any) -> None:
+        add(*args, **kwargs)
+        for state in fake.output_processor.request_states.values():
+            state.__dict__.pop("request_index", None)
+
+    fake.add_request = add_request
+    with caplog.at_level("WARNING", logger="hpcrollout"):
+        got = list(engine.generate(requests([8] * 5)))
+    assert sorted(r.row for r in got) == list(range(5))
+    assert "its output stream lacks request_index; per-sample progress is off" in caplog.text
+
+
+def test_without_the_cache_and_model_configs_the_kv_budget_is_off_and_limits_come_from_the_config(fake_vllm, caplog):
+    from hpcrollout.engines.vllm_engine import VllmEngine
+
+    fake = FakeLLMEngine(6000)
+    del fake.vllm_config, fake.model_config
+    config = build_config(
+        {
+            "backend": "vllm",
+            "model": {"path": "/nonexistent"},
+            "engine": {"max_model_len": 300, "max_num_seqs": 32},
+            "sampling": {"n": 2, "max_tokens": 8, "ignore_eos": True},
+        }
+    )
+    with caplog.at_level("WARNING", logger="hpcrollout"):
+        engine = VllmEngine(config, llm=FakeLLM(fake))
+        got = list(engine.generate(requests([8] * 5)))
+    assert (engine.max_model_len, engine.max_num_seqs) == (300, 32)
+    assert sorted(r.row for r in got) == list(range(5)) and engine.admission.budget is None
+    assert "engine.kv_budget is off" in caplog.text and "no LLMEngine.model_config.max_model_len" in caplog.text
+
+
+def test_image_prompts_on_a_text_only_model_fail_the_task_naming_the_model(fake_vllm):
+    from hpcrollout.errors import HpcRolloutError
+
+    engine, fake = make_engine(1.0, capacity=6000, n=1, max_tokens=4)
+    fake.model_config.is_multimodal_model = False  # vLLM's ModelConfig: no multimodal_config
+    with pytest.raises(HpcRolloutError, match=r"^model.path: the input has image prompts, but /nonexistent is a text-only model"):
+        list(engine.generate(image_requests()))
+
+
+def test_an_image_prompt_vllms_processor_rejects_is_an_error_row(fake_vllm):
+    engine, fake = make_engine(1.0, capacity=6000, n=1, max_tokens=4)
+    renderer = engine.llm.renderer = FakeRenderer()
+
+    def reject(prompts: list[dict[str, Any]], skip_mm_cache: bool = False) -> list[dict[str, Any]]:
+        raise ValueError("Failed to apply LlavaProcessor on data={'images': ...}")
+
+    renderer.render_cmpl = reject
+    results = {r.row: r for r in engine.generate(image_requests())}
+    assert results[0].error == (
+        "vLLM rejected the image prompt: ValueError: Failed to apply LlavaProcessor on data={'images': ...}"
+    )
+    assert results[2].error is None  # the text row goes on

@@ -208,6 +208,7 @@ def way_hpcrollout(engine: Any, args: argparse.Namespace, config: Any) -> dict[s
         "every_seconds": args.every_seconds,
         "kv_budget": config.engine.kv_budget,
         "longest_first": config.engine.longest_first,
+        "pacing": config.engine.pacing,
         "admission": engine.admission.describe() if engine.admission is not None else None,
         "finished_at": finished.summary(),
         "tokenize_s": round(engine.renderer.tokenize_s - tokenize_before, 3),
@@ -217,7 +218,7 @@ def way_hpcrollout(engine: Any, args: argparse.Namespace, config: Any) -> dict[s
 
 def engine_variant(way: str) -> dict[str, Any]:
     """engine.* settings of a way: ``hpcrollout:1.5`` (kv_budget 1.5), ``:none`` (no budget), ``:fifo`` (input
-    order), combined with ``+`` (``hpcrollout:none+fifo``: hand everything over in input order, as before)."""
+    order), ``:nopace`` (engine.pacing off), ``:pace=0.2`` (engine.pacing 0.2), combined with ``+`` (``hpcrollout:none+fifo``: hand everything over in input order, as before)."""
     _, _, spec = way.partition(":")
     update: dict[str, Any] = {}
     for part in filter(None, spec.lower().split("+")):
@@ -225,6 +226,10 @@ def engine_variant(way: str) -> dict[str, Any]:
             update["kv_budget"] = None
         elif part == "fifo":
             update["longest_first"] = False
+        elif part == "nopace":
+            update["pacing"] = None
+        elif part.startswith("pace="):
+            update["pacing"] = float(part[5:])
         else:
             update["kv_budget"] = float(part)
     return update
@@ -327,6 +332,7 @@ class WayCounters:
     def __enter__(self) -> WayCounters:
         self.t0 = time.perf_counter()
         self.preemptions, self.tokens = self.engine.preemptions, self.engine.generated_tokens
+        self.steps = getattr(self.engine, "output_steps", 0)
         core = self.engine.engine
         self.original = core.add_request
 
@@ -342,12 +348,14 @@ class WayCounters:
         del self.engine.engine.add_request  # back to the method
         self.preemptions = self.engine.preemptions - self.preemptions
         self.tokens = self.engine.generated_tokens - self.tokens
+        self.steps = getattr(self.engine, "output_steps", 0) - self.steps
 
     def summary(self) -> dict[str, Any]:
         return {
             "first_submit_s": None if self.first_submit is None else round(self.first_submit, 3),
             "preemptions": self.preemptions,
             "engine_generated_tokens": self.tokens,
+            "engine_steps": self.steps,
         }
 
 
@@ -418,10 +426,13 @@ def report(summary: dict[str, Any]) -> str:
             )
         if "preemptions" in res:
             notes.append(f"{res['preemptions']} preemptions")
+        if res.get("engine_steps"):
+            notes.append(f"{res['engine_steps']:,} steps, {1000 * res['wall_s'] / res['engine_steps']:.1f} ms a step")
         if res.get("admission"):
             adm = res["admission"]
             notes.append(
                 f"kv_budget {res['kv_budget']}: peak projected {adm['peak_projected_tokens']:,} of {adm['kv_budget_tokens'] or 0:,}"
+                f"; pacing {adm.get('pacing')} (held {adm.get('paced', 0):,} times), {adm.get('steps', 0):,} engine steps"
             )
         lines.append(
             f"{name:<12}{res['wall_s']:>9.1f}{res['output_tokens']:>12,}{res['tok_per_s']:>10.0f}{ratio:>9}  {'; '.join(notes)}"

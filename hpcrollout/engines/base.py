@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hpcrollout.config import RunConfig
+    from hpcrollout.images import ImageInput
 
 # vLLM derives sample i's seed as request_seed + i (v1 parallel sampling); leave room for n below 2**31.
 _SEED_SPACE = 2**31 - 2**20
@@ -33,13 +34,15 @@ class PromptRequest:
 
     uid: str
     row: int  # global input row index; results are merged back in this order
-    messages: list[dict[str, str]] | None  # chat form: [{"role": ..., "content": ...}, ...]
+    # chat form: [{"role": ..., "content": ...}, ...]; content a string, or text and {"type": "image"} parts
+    messages: list[dict[str, Any]] | None
     text: str | None  # raw prompt, used as is (no chat template); exactly one of messages/text is set
     seed: int  # base seed: sample i uses seed + i
     max_tokens: int | None = None  # this prompt's budget (data.max_tokens_column); None: sampling.max_tokens
     # this row's structured-output constraint (hpcrollout/structured.py); None: sampling.structured_outputs
     structured_outputs: dict[str, Any] | None = None
     lora: str | None = None  # this prompt's LoRA adapter directory (hpcrollout/lora.py); None: model.lora, if set
+    images: tuple[ImageInput, ...] = ()  # the images of the {"type": "image"} parts, in order (hpcrollout/images.py)
 
 
 @dataclass

@@ -30,7 +30,7 @@ class TransformersEngine(Engine):
         super().__init__(config)
         import torch
         import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
         started = time.time()
         for key in ("sampling.structured_outputs", "data.structured_outputs_column"):
@@ -62,9 +62,10 @@ class TransformersEngine(Engine):
             self.tokenizer = AutoTokenizer.from_pretrained(
                 mc.tokenizer or mc.path, trust_remote_code=mc.trust_remote_code
             )
-            self.model = AutoModelForCausalLM.from_pretrained(
-                mc.path, dtype=dtype, trust_remote_code=mc.trust_remote_code
-            )
+            # a vision-language model (a vision_config beside its text config) takes image prompts too
+            model_config = AutoConfig.from_pretrained(mc.path, trust_remote_code=mc.trust_remote_code)
+            auto = AutoModelForImageTextToText if hasattr(model_config, "vision_config") else AutoModelForCausalLM
+            self.model = auto.from_pretrained(mc.path, dtype=dtype, trust_remote_code=mc.trust_remote_code)
         except (OSError, ValueError) as exc:  # ValueError: the hub's "Repo id must be in the form ..."
             raise HpcRolloutError(f"model.path: cannot load {mc.path!r}: {exc}") from None
         self.model.to(self.device).eval()
@@ -75,7 +76,10 @@ class TransformersEngine(Engine):
             if reason is not None:
                 raise HpcRolloutError(f"model.lora: {reason}")
         self.renderer = PromptRenderer(config, tokenizer=self.tokenizer)
-        self.max_model_len = ec.max_model_len or getattr(self.model.config, "max_position_embeddings", None) or 4096
+        text_config = self.model.config.get_text_config()
+        self.vocab_size = int(text_config.vocab_size)
+        self.max_model_len = ec.max_model_len or getattr(text_config, "max_position_embeddings", None) or 4096
+        self._processor: Any = None  # the model's processor, loaded on the first image prompt
         eos = set()
         for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
             if isinstance(source, int):
@@ -84,7 +88,7 @@ class TransformersEngine(Engine):
                 eos.update(source)
         self.eos_ids = eos
         self.stop_ids = set(config.sampling.stop_token_ids)
-        self.extra = SamplingExtras(config.sampling, self.tokenizer, int(self.model.config.vocab_size))
+        self.extra = SamplingExtras(config.sampling, self.tokenizer, self.vocab_size)
         # transformers 5.2x renamed past_key_values to cache; older releases only know the old name
         self._cache_arg = "cache" if "cache" in inspect.signature(self.base_model.forward).parameters else "past_key_values"
         self.start_s = time.time() - started
@@ -109,7 +113,11 @@ class TransformersEngine(Engine):
 
     def generate(self, requests: Iterable[PromptRequest]) -> Iterator[PromptResult]:
         for request in requests:
-            (ids,) = self.renderer.encode([request])  # the same rendering as the vLLM backend's
+            vision: dict[str, Any] = {}
+            if request.images:  # chat template, then the processor: image tokens expanded, pixel inputs
+                ids, vision = self._encode_images(request)
+            else:
+                (ids,) = self.renderer.encode([request])  # the same rendering as the vLLM backend's
             if isinstance(ids, str):  # a template that rejects this conversation fails the row, not the shard
                 yield PromptResult.failed(request, ids)
                 continue
@@ -123,7 +131,7 @@ class TransformersEngine(Engine):
             if reason is not None:
                 yield PromptResult.failed(request, reason)
                 continue
-            result = self._sample(request, ids)
+            result = self._sample(request, ids, vision)
             result.lora = lora
             yield result
 
@@ -173,7 +181,50 @@ class TransformersEngine(Engine):
             self.model.set_adapter(self._adapters[path])
         return None
 
-    def _sample(self, request: PromptRequest, prompt_ids: list[int]) -> PromptResult:
+    def _encode_images(self, request: PromptRequest) -> tuple[list[int] | str, dict[str, Any]]:
+        """Prompt ids with the image tokens expanded and the model's pixel inputs, through the model's processor;
+        or why this row cannot be rendered (an image that does not decode, a template without image parts)."""
+        from hpcrollout.images import BadImage, decode_all
+
+        if self._processor is None:
+            from transformers import AutoProcessor
+
+            mc = self.config.model
+            if not hasattr(self.model.config, "vision_config"):
+                raise HpcRolloutError(
+                    f"model.path: the input has image prompts, but {mc.path} is a text-only model; "
+                    "image prompts need a vision-language model"
+                )
+            try:
+                self._processor = AutoProcessor.from_pretrained(mc.path, trust_remote_code=mc.trust_remote_code)
+            except (OSError, ValueError, TypeError) as exc:
+                raise HpcRolloutError(
+                    f"model.path: the input has image prompts, but no processor loads from {mc.path!r} ({exc}); "
+                    "image prompts need a vision-language model with its processor config"
+                ) from None
+            if not hasattr(self._processor, "image_processor"):
+                raise HpcRolloutError(
+                    f"model.path: the input has image prompts, but {mc.path} has no image processor; "
+                    "image prompts need a vision-language model"
+                )
+        try:
+            pictures = decode_all(request.images)
+        except BadImage as exc:
+            return f"bad image: row {request.row}, {exc}", {}
+        try:
+            text = self.renderer.render(request.messages or [])
+            encoded = self._processor(text=[text], images=pictures, return_tensors="pt")
+        except HpcRolloutError:
+            raise
+        except Exception as exc:  # the template or processor rejects this prompt: its row fails, not the shard
+            return f"image prompt failed in the processor: {type(exc).__name__}: {exc}", {}
+        ids = encoded["input_ids"][0].tolist()
+        vision = {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask")}
+        return ids, vision
+
+    def _sample(
+        self, request: PromptRequest, prompt_ids: list[int], vision: dict[str, Any] | None = None
+    ) -> PromptResult:
         torch = self.torch
         sp = self.config.sampling
         n = sp.n
@@ -185,14 +236,20 @@ class TransformersEngine(Engine):
         finish: list[str | None] = [None] * n
         stop_reason: list[str | None] = [None] * n
         texts: list[str | None] = [None] * n  # set when a stop string cut the text
-        counts = torch.zeros((n, self.model.config.vocab_size), dtype=torch.float32)
+        counts = torch.zeros((n, self.vocab_size), dtype=torch.float32)
         seen = torch.zeros_like(counts, dtype=torch.bool)
         seen[:, torch.tensor(prompt_ids)] = True
         past, step_input = None, prompt
         with torch.inference_mode():
             for _ in range(budget):
                 self.stepped()
-                out = self.model(input_ids=step_input, use_cache=True, logits_to_keep=1, **{self._cache_arg: past})
+                # the first step also takes the images, once per sample (each sample is a row of the batch)
+                first = {}
+                if past is None and vision:
+                    first = {k: torch.cat([v] * n).to(self.device) for k, v in vision.items()}
+                out = self.model(
+                    input_ids=step_input, use_cache=True, logits_to_keep=1, **first, **{self._cache_arg: past}
+                )
                 past = getattr(out, self._cache_arg)
                 logits = out.logits[:, -1, :].float().cpu()
                 logits = self.extra.constrain(logits, generated, self.eos_ids | self.stop_ids)

@@ -1,5 +1,10 @@
 """The vLLM backend: a shard's backlog streamed through vLLM 0.26's LLMEngine, results yielded as they finish.
 
+What may differ between vLLM releases is decided in one place, vllm_compat.py: the tested versions are logged
+at engine start, another version is warned about (not refused), and each fact read off vLLM's internals turns
+its feature off with one warning where it is missing. Image prompts go to vLLM as multi-modal data (the
+images decoded here, one placeholder per image in the token ids, expanded by vLLM's multi-modal processor).
+
 How it keeps the GPU at least as busy as one ``LLM.generate`` call on everything:
 - vLLM's engine core runs in its own process and schedules whatever requests it holds. A window of at least
   ``_WINDOW_PROMPTS`` prompts is read ahead (refilled as prompts finish), so the core never runs dry and memory
@@ -42,12 +47,15 @@ from hpcrollout.engines import tensor_parallel_size
 from hpcrollout.engines.admission import Admission
 from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
 from hpcrollout.engines.render import PromptRenderer
+from hpcrollout.engines.vllm_compat import MISSING, lookup, missing, structured_outputs_params, vllm_api
 from hpcrollout.errors import HpcRolloutError
+from hpcrollout.images import BadImage, ImageTokens, decode_all
 from hpcrollout.lora import adapter_rank, uses_lora, vllm_lora_kwargs
 from hpcrollout.structured import is_valid
 
 log = logging.getLogger("hpcrollout")
 
+_AUTO_PACING = 0.1  # engine.pacing 'auto' with equal known lengths (benchmarks/admission_bound.py chose it)
 _WINDOW_PROMPTS = 1024  # prompts submitted ahead at least; more when 4 * max_num_seqs sequences need more
 _TOKENIZE_BATCH = 256  # prompts rendered and tokenized per refill
 _LOCK_TIMEOUT_S = 1800.0  # a compile that holds the lock longer than this is presumed dead; start anyway
@@ -221,6 +229,7 @@ class VllmEngine(Engine):
         self.import_s = time.monotonic() - importing
 
         self._vllm_version = vllm.__version__
+        self.api = vllm_api(vllm)  # what differs between vLLM releases (vllm_compat.py); logs the tested versions
         self._SamplingParams = SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -230,11 +239,16 @@ class VllmEngine(Engine):
         # vLLM's own validation, before a minute of engine start, with the config's names in the message: the
         # listed keys first, so an error of sampling.kwargs is told apart from one of sampling.*.
         listed = dict(listed_sampling_kwargs(config), output_kind=RequestOutputKind.FINAL_ONLY)
+        if not self.api.flat_logprobs:
+            missing(
+                "flat_logprobs", f"vLLM {vllm.__version__} has no SamplingParams.flat_logprobs; per-position logprobs"
+            )
+            self.base_sampling.pop("flat_logprobs", None)
+            listed.pop("flat_logprobs", None)
         checks = [("sampling", lambda: listed), ("sampling.kwargs", lambda: self.base_sampling)]
         self._StructuredOutputsParams: Any = None
         if config.uses_structured_outputs():
-            from vllm.sampling_params import StructuredOutputsParams
-
+            StructuredOutputsParams = structured_outputs_params(vllm.__version__)
             self._StructuredOutputsParams = StructuredOutputsParams
             if (constraint := config.sampling.structured_outputs) is not None:
                 checks.append(
@@ -274,15 +288,16 @@ class VllmEngine(Engine):
         self.engine_start_s = time.monotonic() - started - float(self.cache.get("waited_s", 0.0))
         self.llm = llm
         self.engine = llm.llm_engine
-        self.max_model_len = int(self.engine.model_config.max_model_len)
-        self.max_num_seqs = int(self.engine.vllm_config.scheduler_config.max_num_seqs)
+        self.max_model_len, self.max_num_seqs = self._limits()
         self.renderer = PromptRenderer(config, tokenizer=llm.get_tokenizer())
+        self._image_tokens = ImageTokens(config.model.path)  # image prompts' length until vLLM renders them
         self._ids = itertools.count()
         self.window = max(_WINDOW_PROMPTS, -(-4 * self.max_num_seqs // config.sampling.n))
         self.admission: Admission | None = None
         self._flight_keys: dict[str, int] = {}  # request id -> admission flight key, while in flight
         self.generated_tokens = 0  # output tokens the engine has generated, counted as they stream
         self._watching = False  # the output-stream hook is installed (_watch_outputs)
+        self.output_steps = 0  # engine steps whose outputs went through the hook (raw LLM.chat's included)
         self.preemptions = 0  # vLLM preemptions seen (counted when vLLM's stats are on: disable_log_stats false)
         log.info(
             "vLLM %s ready in %.1f s (max_model_len %d, max_num_seqs %d, compile cache %s)",
@@ -292,6 +307,24 @@ class VllmEngine(Engine):
             self.max_num_seqs,
             self.cache.get("root"),
         )
+
+    def _limits(self) -> tuple[int, int]:
+        """The engine's max_model_len and max_num_seqs, read from its config objects (no public accessor); where
+        this vLLM keeps them elsewhere, the config's values (or no length check here: vLLM's own remains)."""
+        ec = self.config.engine
+        length = lookup(self.engine, "model_config.max_model_len")
+        if length is MISSING:
+            length = ec.max_model_len or 2**31
+            missing(
+                "max_model_len",
+                f"vLLM {self._vllm_version}: no LLMEngine.model_config.max_model_len; prompts "
+                f"are checked against engine.max_model_len ({ec.max_model_len}) here, and by vLLM",
+            )
+        seqs = lookup(self.engine, "vllm_config.scheduler_config.max_num_seqs")
+        if seqs is MISSING:
+            seqs = ec.max_num_seqs or 256
+            missing("max_num_seqs", f"vLLM {self._vllm_version}: no scheduler_config.max_num_seqs; assuming {seqs}")
+        return int(length), int(seqs)
 
     def _start(self, vllm: Any) -> Any:
         try:
@@ -305,6 +338,7 @@ class VllmEngine(Engine):
         info: dict[str, Any] = {
             "backend": self.name,
             "vllm": self._vllm_version,
+            "vllm_tested": self.api.tested,
             "model": self.config.model.path,
             "tensor_parallel_size": self.kwargs.get("tensor_parallel_size"),
             "pipeline_parallel_size": self.kwargs.get("pipeline_parallel_size", 1),
@@ -360,39 +394,65 @@ class VllmEngine(Engine):
         return request.structured_outputs or self.config.sampling.structured_outputs
 
     def _read_ahead(self, batch: list[PromptRequest], pool: Admission, failed: list[PromptResult]) -> None:
-        """Render and tokenize a batch into the lookahead pool; what cannot be submitted becomes an error row."""
+        """Render and tokenize a batch into the lookahead pool; what cannot be submitted becomes an error row.
+
+        An image prompt waits in the pool as token ids with one placeholder per image, its length estimated
+        (images.ImageTokens); its pixels are processed only when it is submitted, so the read-ahead window holds
+        compressed image bytes, not pixel tensors, and the exact length is checked then."""
         default_max = self.config.sampling.max_tokens
         for request, ids in zip(batch, self.renderer.encode(batch), strict=True):
             if isinstance(ids, str):
                 failed.append(PromptResult.failed(request, ids))
-            elif len(ids) >= self.max_model_len:
-                failed.append(
-                    PromptResult.failed(
-                        request,
-                        (
-                            f"prompt has {len(ids)} tokens, more than engine.max_model_len={self.max_model_len} allows "
-                            "(at least one token must be generated); raise engine.max_model_len or shorten the prompt"
-                        ),
-                    )
-                )
-            else:
-                max_tokens = min(request.max_tokens or default_max, self.max_model_len - len(ids))
-                pool.add((request, ids), len(ids), max_tokens)
+                continue
+            length = len(ids) + sum(self._image_tokens.of_bytes(i.data) - 1 for i in request.images)
+            if length >= self.max_model_len and not request.images:
+                failed.append(PromptResult.failed(request, self._too_long(length)))
+                continue
+            max_tokens = max(1, min(request.max_tokens or default_max, self.max_model_len - length))
+            pool.add((request, ids if request.images else self.api.token_prompt(ids)), length, max_tokens)
+
+    def _too_long(self, length: int) -> str:
+        return (
+            f"prompt has {length} tokens, more than engine.max_model_len={self.max_model_len} allows "
+            "(at least one token must be generated); raise engine.max_model_len or shorten the prompt"
+        )
+
+    def _image_prompt(self, request: PromptRequest, ids: list[int]) -> tuple[Any, str | None]:
+        """An image prompt as vLLM takes it (vllm_compat.VllmApi.image_prompt), or None and why the row cannot
+        be submitted (an image that does not decode, vLLM's processor rejecting it, too long once expanded)."""
+        if lookup(self.engine, "model_config.is_multimodal_model", True) is False:
+            raise HpcRolloutError(
+                f"model.path: the input has image prompts, but {self.config.model.path} is a text-only model; "
+                "image prompts need a vision-language model"
+            )
+        try:
+            pictures = decode_all(request.images)
+        except BadImage as exc:
+            return None, f"bad image: row {request.row}, {exc}"
+        try:
+            prompt, length = self.api.image_prompt(self.llm, ids, pictures, [i.digest for i in request.images])
+        except Exception as exc:  # vLLM's multi-modal processor rejected this prompt
+            return None, f"vLLM rejected the image prompt: {type(exc).__name__}: {exc}"
+        if length is not None and length >= self.max_model_len:
+            return None, self._too_long(length)
+        return prompt, None
 
     def _submit(
-        self, request: PromptRequest, ids: list[int], key: int, inflight: dict[str, tuple[PromptRequest, int]]
+        self, request: PromptRequest, prompt: Any, key: int, inflight: dict[str, tuple[PromptRequest, int]]
     ) -> PromptResult | None:
-        """Hand one prompt to vLLM; None, or the error record if vLLM rejects it."""
-        from vllm.inputs import tokens_input
-
+        """Hand one prompt (VllmApi.token_prompt / image_prompt) to vLLM; None, or the error record if vLLM
+        rejects it."""
+        if request.images:  # token ids with placeholders: the images are processed now (see _read_ahead)
+            prompt, reason = self._image_prompt(request, prompt)
+            if reason is not None:
+                return PromptResult.failed(request, reason)
         request_id = f"{request.row}-{next(self._ids)}"
         adapter = request.lora or self.config.model.lora
         lora = self._lora_request(adapter) if adapter else None
         if isinstance(lora, str):
             return PromptResult.failed(request, lora)
         try:
-            # Token ids in vLLM's processed-input form: no string-prompt deprecation, no second tokenization.
-            self.engine.add_request(request_id, tokens_input(ids), self._params(request), lora_request=lora)
+            self.engine.add_request(request_id, prompt, self._params(request), lora_request=lora)
         except Exception as exc:  # vLLM rejected this one prompt (length, vocabulary, parameters)
             return PromptResult.failed(request, f"vLLM rejected the prompt: {type(exc).__name__}: {exc}")
         inflight[request_id] = (request, key)
@@ -413,17 +473,26 @@ class VllmEngine(Engine):
 
     def _admission(self) -> Admission:
         sp = self.config.sampling
-        cache = self.engine.vllm_config.cache_config
-        blocks, block_size = cache.num_gpu_blocks, cache.block_size or 16
+        cache = lookup(self.engine, "vllm_config.cache_config")
+        blocks, block_size = lookup(cache, "num_gpu_blocks", None), lookup(cache, "block_size", None) or 16
+        if cache is MISSING or blocks is None:
+            missing(
+                "kv_budget",
+                f"vLLM {self._vllm_version}: the KV cache size is not where 0.26 keeps it "
+                "(vllm_config.cache_config.num_gpu_blocks); engine.kv_budget is off, vLLM schedules alone",
+            )
+        pacing = self.config.engine.pacing
         return Admission(
             capacity_tokens=blocks * block_size if blocks else None,
             fraction=self.config.engine.kv_budget,
             n=sp.n,
             ignore_eos=sp.ignore_eos,
             block_size=block_size,
-            prefix_caching=bool(cache.enable_prefix_caching),
+            prefix_caching=bool(lookup(cache, "enable_prefix_caching", False)),
             max_seqs=self.max_num_seqs,
             longest_first=self.config.engine.longest_first,
+            pacing=_AUTO_PACING if pacing == "auto" else pacing,
+            pacing_auto=pacing == "auto",  # paced only while every length is known and equal
         )
 
     # progress, read from the engine's outputs as they stream
@@ -434,12 +503,20 @@ class VllmEngine(Engine):
         original = getattr(processor, "process_outputs", None)
         states = getattr(processor, "request_states", None)
         if original is None or not isinstance(states, dict):
+            self._watching = False
+            missing(
+                "progress",
+                f"vLLM {self._vllm_version}: no LLMEngine.output_processor.process_outputs / "
+                "request_states; per-sample progress is off (the KV admission learns from finished prompts "
+                "only, live token counts come from vLLM's metrics)",
+            )
             return False
         if getattr(original, "_hpcrollout", False):
             self._watching = True
             return True
 
         def process_outputs(outputs: Any, *args: Any, **kwargs: Any) -> Any:
+            self.output_steps += 1
             self._observe(outputs, states)
             result = original(outputs, *args, **kwargs)
             stats = kwargs.get("iteration_stats", args[1] if len(args) > 1 else None)
@@ -452,23 +529,32 @@ class VllmEngine(Engine):
         return True
 
     def _observe(self, outputs: Any, states: dict[str, Any]) -> None:
-        pool, flights = self.admission, self._flight_keys
-        tokens = 0
-        for out in outputs:
-            new = len(out.new_token_ids)
-            tokens += new
-            state = states.get(out.request_id)
-            if pool is None or state is None:
-                continue
-            key = flights.get(state.external_req_id)
-            if key is not None:
-                pool.advance(key, state.request_index, new, out.finish_reason is not None)
-        self.generated_tokens += tokens
+        if not self._watching:
+            return
+        try:
+            pool, flights = self.admission, self._flight_keys
+            tokens = 0
+            for out in outputs:
+                new = len(out.new_token_ids)
+                tokens += new
+                state = states.get(out.request_id)
+                if pool is None or state is None:
+                    continue
+                key = flights.get(state.external_req_id)
+                if key is not None:
+                    pool.advance(key, state.request_index, new, out.finish_reason is not None)
+            self.generated_tokens += tokens
+        except AttributeError as exc:  # another vLLM's output or request-state fields: never break its step
+            self._watching = False
+            missing(
+                "progress-fields",
+                f"vLLM {self._vllm_version}: its output stream lacks {exc.name or exc}; per-sample progress is off",
+            )
 
     def generate(self, requests: Iterable[PromptRequest]) -> Iterator[PromptResult]:
         source = iter(requests)
         pool = self.admission = self._admission()
-        watched = self._watch_outputs()
+        self._watch_outputs()
         inflight: dict[str, tuple[PromptRequest, int]] = {}
         self._flight_keys = {}
         failed: list[PromptResult] = []
@@ -481,10 +567,11 @@ class VllmEngine(Engine):
                     batch = list(itertools.islice(source, size))
                     exhausted = len(batch) < size
                     self._read_ahead(batch, pool, failed)
+                pool.input_done = exhausted
                 # ... and submit what the projected KV peak has room for (at most a window in flight).
                 while len(inflight) < self.window and (taken := pool.take()) is not None:
-                    (request, ids), key = taken
-                    rejected = self._submit(request, ids, key, inflight)
+                    (request, prompt), key = taken
+                    rejected = self._submit(request, prompt, key, inflight)
                     if rejected is not None:
                         pool.done(key)
                         failed.append(rejected)
@@ -495,7 +582,8 @@ class VllmEngine(Engine):
                         return
                     continue
                 outputs = self.engine.step()
-                if not watched:
+                pool.stepped()
+                if not self._watching:
                     pool.tick()
                 self.stepped()
                 for output in outputs:

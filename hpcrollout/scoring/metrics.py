@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hpcrollout.errors import HpcRolloutError
+from hpcrollout.sources import WholePrompts, prompt_starts
 
 CORRECT_AT = 1.0
 MAX_GROUPS = 1000  # distinct --by values reported; the rest go to "(other)"
@@ -107,7 +107,7 @@ class ScoreAnalysis:
         self.threshold = threshold
         self.overall = ScoreStats()
         self.groups: dict[str, ScoreStats] = {}
-        self._pending: pa.Table | None = None  # flattened input: the last uid run, continued in the next batch
+        self._whole = WholePrompts()  # flattened input: whole prompts, a uid run never split over two batches
 
     def add_prompts(
         self,
@@ -191,29 +191,12 @@ class ScoreAnalysis:
         """One flattened batch (None: the end, flush the last prompt). Prompts are runs of the same uid."""
         if batch is not None:
             cols = [c for c in ("uid", "response", "score", "score_detail", self.by) if c and c in batch.schema.names]
-            table = pa.Table.from_batches([batch.select(list(dict.fromkeys(cols)))])
-            if self._pending is not None:
-                table = pa.concat_tables([self._pending, table])
-        elif self._pending is not None:
-            table = self._pending
+            table = self._whole.push(pa.Table.from_batches([batch.select(list(dict.fromkeys(cols)))]))
         else:
+            table = self._whole.push(None)
+        if table is None:
             return
-        table = table.combine_chunks()
-        if table.num_rows == 0:
-            self._pending = None
-            return
-        uid = table.column("uid").chunk(0)
-        starts = np.ones(len(uid), bool)
-        if len(uid) > 1:
-            starts[1:] = pc.not_equal(uid[1:], uid[:-1]).fill_null(True).to_numpy(zero_copy_only=False)
-        if batch is not None:  # the last run may continue in the next batch: hold it back
-            cut = int(np.flatnonzero(starts)[-1])
-            self._pending = table.slice(cut)
-            table, starts = table.slice(0, cut), starts[:cut]
-        else:
-            self._pending = None
-        if table.num_rows == 0:
-            return
+        starts = prompt_starts(table.column("uid").chunk(0))
         group = np.cumsum(starts) - 1
         first = np.flatnonzero(starts)
         score = table.column("score").combine_chunks()
@@ -313,29 +296,6 @@ def format_scoring(s: dict[str, Any]) -> list[str]:
         for key, g in s["groups"].items():
             lines.append(f"      {key:<{width}}  {g['prompts']:>8,} prompts  {_summary_line(g)}")
     return lines
-
-
-def whole_prompt_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """Flattened batches re-cut so that no prompt (a run of one uid) spans two of them."""
-    pending: pa.Table | None = None
-    for batch in batches:
-        table = pa.Table.from_batches([batch])
-        if pending is not None:
-            table = pa.concat_tables([pending, table])
-        if table.num_rows == 0:
-            continue
-        uid = table.column("uid").combine_chunks()
-        last = uid[table.num_rows - 1]
-        same = pc.equal(uid, last).fill_null(False).to_numpy(zero_copy_only=False) if last.is_valid else None
-        if same is None:  # a null uid: every such row is its own prompt
-            cut = table.num_rows - 1
-        else:
-            cut = table.num_rows - int(np.argmin(same[::-1])) if not same.all() else 0
-        pending = table.slice(cut)
-        if cut:
-            yield from table.slice(0, cut).combine_chunks().to_batches()
-    if pending is not None and pending.num_rows:
-        yield from pending.combine_chunks().to_batches()
 
 
 def flat_solve_rate_mask(

@@ -8,8 +8,8 @@
 #   bash tests/gpu/run_on_device.sh headline-b              # headline workload: raw vs chunk-with-barrier
 #   DEADLINE=570 bash tests/gpu/run_on_device.sh ...        # seconds the whole call may take (default 570)
 #
-# Steps: tests | variable | variable-budget | variable-order | variable-400[-order] | headline-order | eos | eos-budget | headline-a | headline-b | headline-all |
-#        headline-fp8 | headline-aba | eos-aba | e2e (end_to_end.py: the seed-style script vs hpcrollout run) | check
+# Steps: tests | variable | variable-budget | variable-order | variable-400[-order|-wide] | headline-order | eos | eos-budget | headline-a | headline-b | headline-all |
+#        headline-pace[3] (raw, paced hpcrollout[, unpaced]) | headline-fp8 | headline-aba | eos-aba | e2e (end_to_end.py: the seed-style script vs hpcrollout run) | check
 set -uo pipefail
 OUT=${OUT:-/tmp/hpcr-out}
 DEADLINE=${DEADLINE:-570}
@@ -78,6 +78,7 @@ for step in "$@"; do
     variable-budget) run_bench variable-budget --workload variable --ways raw,hpcrollout,hpcrollout:none,raw,hpcrollout ;;
     variable-order) run_bench variable-order --workload variable --ways raw,hpcrollout,hpcrollout:fifo,raw,hpcrollout,hpcrollout:fifo ;;
     variable-400) run_bench variable-400 --workload variable --prompts 400 --ways raw,hpcrollout ;;
+    variable-400-wide) run_bench variable-400-wide --workload variable --prompts 400 --max_num_seqs 2048 --ways raw,hpcrollout ;;
     variable-400-order) run_bench variable-400-order --workload variable --prompts 400 --ways raw,hpcrollout:fifo,hpcrollout:none+fifo ;;
     headline-order) run_bench headline-order --workload headline --ways raw,hpcrollout:fifo,hpcrollout:none+fifo ;;
     eos) run_bench eos --workload eos --ways raw,hpcrollout ;;
@@ -87,6 +88,8 @@ for step in "$@"; do
     headline-b) run_bench headline-b --workload headline --ways raw,chunk ;;
     headline-all) run_bench headline-all --workload headline --ways raw,hpcrollout,chunk ;;
     headline-fp8) run_bench headline-fp8 --workload headline --ways raw,hpcrollout --kv_cache_dtype fp8 ;;
+    headline-pace) run_bench headline-pace --workload headline --ways raw,hpcrollout ;;
+    headline-pace3) run_bench headline-pace3 --workload headline --ways raw,hpcrollout,hpcrollout:nopace ;;
     headline-aba) run_bench headline-aba --workload headline --ways raw,hpcrollout,raw ;;
     eos-aba) run_bench eos-aba --workload eos --ways raw,hpcrollout,raw ;;
     e2e) echo "== end to end (limit $(left)s)"

@@ -248,3 +248,53 @@ def test_lora_adapter_per_request(make_config, gpu_model, tmp_path):
     assert results[0].error is None and results[1].error is None
     assert (results[0].lora, results[1].lora) == (None, adapter)
     assert results[0].samples[0].token_ids != results[1].samples[0].token_ids
+
+
+def test_image_prompts_reach_vllm_as_multimodal_data(make_config, tmp_path):
+    """A tiny random LLaVA (tinymodel.build_tiny_vlm: CLIP tower and Llama decoder, head_dim 64): an image part
+    reaches vLLM as multi-modal data and its 16 tokens count in prompt_tokens, the same image from two sources
+    gives the same greedy samples, and an image that does not decode is an error row naming it."""
+    import io
+
+    from PIL import Image
+
+    from hpcrollout.engines.base import PromptRequest, prompt_seed
+    from hpcrollout.engines.vllm_engine import VllmEngine
+    from hpcrollout.images import ImageInput
+    from hpcrollout.tinymodel import build_tiny_vlm
+
+    model = build_tiny_vlm(tmp_path / "vlm")
+    png = {}
+    for name, color in (("red", (200, 10, 10)), ("blue", (10, 10, 200))):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), color).save(buf, "PNG")
+        png[name] = buf.getvalue()
+    text = {"type": "text", "text": "What is in the picture?"}
+
+    def request(row: int, *images: ImageInput) -> PromptRequest:
+        content = [{"type": "image"} for _ in images] + [text] if images else text["text"]
+        uid = f"img{row}"
+        messages = [{"role": "user", "content": content}]
+        return PromptRequest(uid, row, messages, None, prompt_seed(1, uid), images=tuple(images))
+
+    greedy = {"n": 1, "temperature": 0.0, "max_tokens": 8, "ignore_eos": True, "return_token_ids": True}
+    engine = VllmEngine(make_config({"model": {"path": str(model)}, "sampling": greedy}))
+    try:
+        results = by_row(
+            engine.generate(
+                [
+                    request(0),
+                    request(1, ImageInput("/data/red.png", png["red"])),
+                    request(2, ImageInput("img[0]", png["red"])),
+                    request(3, ImageInput("blue", png["blue"]), ImageInput("red", png["red"])),
+                    request(4, ImageInput("/data/broken.png", b"not an image")),
+                ]
+            )
+        )
+    finally:
+        engine.close()
+    assert [results[r].error for r in range(4)] == [None] * 4
+    assert results[1].prompt_tokens == results[0].prompt_tokens + 16  # "<image>" expanded to (56 / 14)^2 tokens
+    assert results[3].prompt_tokens == results[0].prompt_tokens + 32
+    assert results[1].samples[0].token_ids == results[2].samples[0].token_ids
+    assert results[4].error.startswith("bad image: row 4, image 0 (/data/broken.png: not a readable image")
