@@ -219,6 +219,7 @@ class ClaimBoard:
         lease_s: float = 120.0,
         margin_s: float | None = None,
         clock: Callable[[], float] = time.time,
+        claims_dir: Path | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.owner = owner or default_owner()
@@ -230,7 +231,8 @@ class ClaimBoard:
         self.clock = clock
         self.token = uuid.uuid4().hex
         self.retry_at: float | None = None  # set by claim_next when a suspect lease may soon become claimable
-        self.dir = run_dir.claims_dir
+        # claims_dir: the engines of one static task share its shards through a board of their own
+        self.dir = claims_dir if claims_dir is not None else run_dir.claims_dir
         self._base = f"{self.dir}{os.sep}"
         self._ident = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid()}
         # with host and pid these tell a reused pid, or a namesake host, apart

@@ -246,6 +246,21 @@ class ExecutorConfig(_Section):
     type: Literal["local", "slurm"] = "local"
     num_tasks: int = Field(1, ge=1, description="Array size (tasks run in parallel as far as resources allow).")
     local_parallelism: int = Field(1, ge=1, description="local executor: tasks run at once on this machine.")
+    engines_per_task: int | Literal["auto"] = Field(
+        1,
+        description=(
+            "Engine processes per task, each with its own slice of the task's GPUs (CUDA_VISIBLE_DEVICES) and "
+            "share of its CPUs; they share the task's shards (static) or claim on their own (dynamic). 'auto': "
+            "the task's GPUs / (engine.tensor_parallel_size x engine.pipeline_parallel_size)."
+        ),
+    )
+
+    @field_validator("engines_per_task")
+    @classmethod
+    def _engines_per_task(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1, or auto")
+        return v
 
 
 class SlurmConfig(_Section):
@@ -305,7 +320,29 @@ class RunConfig(_Section):
             raise ValueError(
                 "sampling.n > 1 with sampling.temperature 0 gives n identical responses; raise the temperature"
             )
+        self._check_engines_per_task()
         return self
+
+    def _check_engines_per_task(self) -> None:
+        """K engines x tensor x pipeline parallel GPUs must fit the task's GPUs, where the config declares them."""
+        k, eng = self.executor.engines_per_task, self.engine
+        if k == "auto" or k == 1:
+            return
+        if self.executor.type == "slurm" and self.slurm.nodes > 1:
+            raise ValueError(
+                f"executor.engines_per_task {k} needs slurm.nodes 1 (a multi-node task runs one engine across its "
+                "nodes); set one of them"
+            )
+        gpus = self.slurm.gpus_per_task if self.executor.type == "slurm" else 0
+        if not gpus:
+            return  # not declared (local executor, CPU tasks): checked against the GPUs the task gets
+        per_engine = (eng.tensor_parallel_size or 1) * eng.pipeline_parallel_size
+        if k * per_engine > gpus:
+            raise ValueError(
+                f"executor.engines_per_task ({k}) x engine.tensor_parallel_size ({eng.tensor_parallel_size or 1}) "
+                f"x engine.pipeline_parallel_size ({eng.pipeline_parallel_size}) = {k * per_engine} GPUs, more than "
+                f"slurm.gpus_per_task ({gpus}); lower one of them, or set executor.engines_per_task: auto"
+            )
 
     def uses_structured_outputs(self) -> bool:
         """Whether responses are constrained (and so checked: the schema_valid column)."""
@@ -442,7 +479,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        elif "input" in err and err["type"] != "missing":
+        elif "input" in err and err["type"] != "missing" and err["loc"]:  # not the whole tree for a top-level check
             msg = f"{msg}, got {err['input']!r}"
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from hpcrollout.config import build_config, load_config
-from hpcrollout.local import run_local
+from hpcrollout.executors.local import run_local
 from hpcrollout.merge import merge_run
 from hpcrollout.rundir import RunDir, atomic_path
 from hpcrollout.shard import prepare_run

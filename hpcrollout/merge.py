@@ -67,7 +67,7 @@ def check_complete(rundir: RunDir) -> list[int]:
 
 def _still_running(rundir: RunDir, shards: list[int]) -> int:
     """How many of these unfinished shards are running or queued to run (status's view of the run)."""
-    from hpcrollout.status import run_status
+    from hpcrollout.state import run_status
 
     try:
         st = run_status(rundir.root)

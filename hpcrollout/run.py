@@ -21,7 +21,7 @@ from typing import Any
 
 from hpcrollout.config import RunConfig, add_override_arg, load_config
 from hpcrollout.errors import HpcRolloutError
-from hpcrollout.local import run_local
+from hpcrollout.executors.local import run_local
 from hpcrollout.merge import merge_run
 from hpcrollout.rundir import RunDir
 from hpcrollout.shard import prepare_run

@@ -15,10 +15,16 @@ RUN_DIR/
   logs/score/                  hpcrollout score --slurm: the scoring array's submitit logs
   logs/ray/00000/              slurm.nodes > 1: the task's Ray cluster (raycluster.py): cluster.json (nodes,
                                address, state, the node that failed) and one NODE.log per node
+  jobs.json                    every submission: executor, job ids, task ids (executors/jobs.py)
+  cache/vllm/                  vLLM's compile cache with engine.compile_cache: run
   claims/                      dynamic mode: who works on which shard
-  tasks/00000.json             SLURM task records (slurm_task.py)
+  claims/static/00000/ATTEMPT/ static mode, engines_per_task > 1: how one task attempt's engines share its shards
+  tasks/00000.engine-01.json   engines_per_task > 1: engine 1 of task 0 (host, pid, GPUs, exit code)
+  logs/engines/00000-01.log    that engine's log
+  tasks/00000.json             SLURM task records (executors/slurm_task.py)
   tasks/local-00000.{lock,json} local executor: held while the task is queued or runs; its pid, host, exit code
-  logs/                        executor logs (submitit's stdout/stderr per task)
+  logs/slurm/JOB/              SLURM executor: submitit's pickles and stdout/stderr per task
+  logs/local-task-0.log        local executor: the task's log
   lock                         held while a submit is in progress
 """
 
@@ -215,6 +221,29 @@ class RunDir:
     def tasks_dir(self) -> Path:
         return self.root / "tasks"
 
+    def task_record(self, task: int) -> Path:
+        """SLURM executor: the array task's record (job id, attempts, requeues, failures, last error, logs)."""
+        return self.tasks_dir / f"{shard_name(task)}.json"
+
+    @property
+    def jobs_path(self) -> Path:
+        """Every submission of the run (executor, job ids, task ids in array order): the jobs registry."""
+        return self.root / "jobs.json"
+
+    @property
+    def submitit_folder(self) -> Path:
+        """Where submitit keeps each array task's pickles and logs: logs/slurm/<array>_<index>/ (%j: the job id)."""
+        return self.logs_dir.resolve() / "slurm" / "%j"
+
+    def local_task_log(self, task: int) -> Path:
+        """Local executor: the task's stdout and stderr."""
+        return self.logs_dir / f"local-task-{task}.log"
+
+    @property
+    def vllm_cache_dir(self) -> Path:
+        """vLLM's compile cache with engine.compile_cache: run."""
+        return self.root / "cache" / "vllm"
+
     def local_task_lock(self, task: int) -> Path:
         """Local executor: flock-ed for as long as the task is queued in its submit or its worker runs."""
         return self.tasks_dir / f"local-{shard_name(task)}.lock"
@@ -222,6 +251,23 @@ class RunDir:
     def local_task_record(self, task: int) -> Path:
         """Local executor: the task's worker (pid, host, start time) and, once it ended, its exit code."""
         return self.tasks_dir / f"local-{shard_name(task)}.json"
+
+    def engine_record(self, task: int, engine: int) -> Path:
+        """executor.engines_per_task > 1: one engine of a task (host, pid, GPUs, CPUs; its exit code once ended)."""
+        return self.tasks_dir / f"{shard_name(task)}.engine-{engine:02d}.json"
+
+    def engine_records(self) -> list[Path]:
+        """Every engine record of the run, in task and engine order."""
+        return sorted(self.tasks_dir.glob("[0-9]*.engine-*.json")) if self.tasks_dir.is_dir() else []
+
+    def engine_log(self, task: int, engine: int) -> Path:
+        """One engine's stdout and stderr (the task's own log says when each engine started and ended)."""
+        return self.logs_dir / "engines" / f"{shard_name(task)}-{engine:02d}.log"
+
+    def task_engine_claims(self, task: int, attempt: str) -> Path:
+        """Static mode, several engines per task: the claims through which one attempt's engines share the task's
+        shards (a new attempt starts a new board: nothing of an ended attempt is waited for)."""
+        return self.claims_dir / "static" / shard_name(task) / attempt
 
     @property
     def quarantine_dir(self) -> Path:

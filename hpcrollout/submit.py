@@ -2,7 +2,8 @@
 
 `python -m hpcrollout.submit --config big.yaml` (or `hpcrollout submit`). With executor.type slurm this is one
 submitit job array (`map_array`) of checkpointable tasks; with executor.type local the tasks run here.
-Submitting again with the same config, or `hpcrollout resume RUN_DIR`, submits only tasks that still have
+The executor (executors/: local or slurm) launches the tasks. Submitting again with the same config, or
+`hpcrollout resume RUN_DIR`, submits only tasks that still have
 shards without a completion marker and are not queued or running already. Every submission is recorded in
 RUN_DIR/jobs.json, which `hpcrollout status` uses to ask sacct/squeue about the tasks.
 
@@ -19,83 +20,18 @@ import argparse
 import contextlib
 import logging
 import os
-import shlex
-import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
 from hpcrollout.config import RunConfig, add_override_arg, check_paths, load_config
 from hpcrollout.errors import HpcRolloutError
-from hpcrollout.rundir import RunDir, static_task, write_json_atomic
-from hpcrollout.slurm_task import SlurmTask
-from hpcrollout.status import active_tasks, id_ranges, jobs_path, read_jobs, submitit_folder
+from hpcrollout.executors.base import Executor, get_executor
+from hpcrollout.executors.jobs import read_jobs
+from hpcrollout.executors.slurm import sbatch_script, slurm_parameters
+from hpcrollout.rundir import RunDir, static_task
+from hpcrollout.status import id_ranges
 
 log = logging.getLogger("hpcrollout")
-
-
-# ---------------------------------------------------------------------------------------------- resources
-def slurm_parameters(config: RunConfig) -> dict[str, Any]:
-    """The submitit SlurmExecutor parameters (sbatch options) for one array task of this config."""
-    s = config.slurm
-    params: dict[str, Any] = {
-        "job_name": s.job_name,
-        "time": s.time_min,
-        "nodes": s.nodes,
-        "ntasks_per_node": 1,  # one worker process per node; it drives all the node's GPUs
-        "cpus_per_task": s.cpus_per_task,
-        "signal_delay_s": s.signal_delay_s,
-        "setup": list(s.setup),
-    }
-    optional = {"partition": s.partition, "account": s.account, "qos": s.qos, "constraint": s.constraint}
-    params.update({k: v for k, v in optional.items() if v})
-    if s.gpus_per_task:
-        params["gres"] = f"gpu:{s.gpus_per_task}"
-    if s.mem_gb:
-        params["mem"] = f"{int(s.mem_gb)}GB" if s.mem_gb == int(s.mem_gb) else f"{int(s.mem_gb * 1024)}MB"
-    if s.exclusive:
-        params["exclusive"] = True
-    if s.array_parallelism:
-        params["array_parallelism"] = s.array_parallelism
-    if s.additional_parameters:
-        params["additional_parameters"] = dict(s.additional_parameters)
-    return params
-
-
-def _python() -> str:
-    return shlex.quote(sys.executable)
-
-
-def sbatch_script(rundir: RunDir, config: RunConfig, num_tasks: int) -> str:
-    """The sbatch script submitit would submit for an array of num_tasks tasks (no submission)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    command = f"{_python()} -u -m submitit.core._submit {shlex.quote(str(submitit_folder(rundir)))}"
-    try:
-        # submitit submits a single task as a plain job, several as an array
-        map_count = num_tasks if num_tasks > 1 else None
-        return _make_sbatch_string(
-            command=command, folder=submitit_folder(rundir), map_count=map_count, **slurm_parameters(config)
-        )
-    except (TypeError, ValueError) as exc:
-        raise HpcRolloutError(f"slurm: cannot build the sbatch script: {exc}") from None
-
-
-def make_executor(rundir: RunDir, config: RunConfig):  # -> submitit.SlurmExecutor
-    import submitit
-
-    try:
-        executor = submitit.SlurmExecutor(folder=submitit_folder(rundir), max_num_timeout=config.slurm.max_requeues)
-    except RuntimeError as exc:  # no srun on PATH
-        raise HpcRolloutError(
-            f"executor.type is slurm but this machine has no SLURM client ({exc}); submit from a login node, "
-            "or set executor.type: local"
-        ) from None
-    try:
-        executor.update_parameters(**slurm_parameters(config))
-    except ValueError as exc:
-        raise HpcRolloutError(f"slurm: invalid sbatch parameters: {exc}") from None
-    return executor
 
 
 # ---------------------------------------------------------------------------------------------- which tasks
@@ -159,13 +95,6 @@ def preflight(config: RunConfig) -> None:
     check_paths(config)
 
 
-def record_submission(rundir: RunDir, entry: dict[str, Any]) -> None:
-    """Append one submission to RUN_DIR/jobs.json (atomically; callers hold the run directory's lock)."""
-    jobs = read_jobs(rundir)
-    jobs["submissions"].append(entry)
-    write_json_atomic(jobs_path(rundir), jobs)
-
-
 def add_tasks_to(config: RunConfig, rundir: RunDir, add_tasks: int, active: dict[int, str]) -> None:
     """--add-tasks N: N more tasks than are queued or running now (dynamic mode, SLURM) become executor.num_tasks."""
     if add_tasks < 1:
@@ -199,15 +128,14 @@ def submit_run(
 
     add_tasks (dynamic mode): submit that many tasks beside the queued and running ones, which they join.
     """
-    from hpcrollout.local import hold_task_locks, release_task_locks, run_local
     from hpcrollout.shard import prepare_run
 
     config.require("run_dir", "data.input", "model.path")
     preflight(config)
     rundir = RunDir(config.run_dir)
-    locks: dict[int, int] = {}
-    # a failure before the tasks start frees their locks again
-    with rundir.lock(command), _released_on_error(locks):
+    executor = get_executor(config.executor.type)
+    # a failure before the tasks start frees what the executor took for them
+    with rundir.lock(command), _released_on_error(executor):
         active = running_tasks(rundir, config)
         if add_tasks is not None:
             add_tasks_to(config, rundir, add_tasks, active)
@@ -227,60 +155,18 @@ def submit_run(
         if not wanted:
             return result
         result["tasks"] = wanted
-        if config.executor.type == "local":
-            # Locked under the run directory's lock, so a submit right after this one sees these tasks running.
-            locks.update(hold_task_locks(rundir, wanted))
-            # Recorded before running so status can tell a local run from a never-started one.
-            record_submission(
-                rundir,
-                {
-                    "executor": "local",
-                    "command": command,
-                    "tasks": wanted,
-                    "time": time.time(),
-                    "num_tasks": rundir.manifest()["num_tasks"],
-                },
-            )
-        else:
-            executor = make_executor(rundir, config)
-            try:
-                jobs = executor.map_array(SlurmTask(rundir.root.resolve()), wanted)
-            except Exception as exc:  # sbatch's own message names the bad option (partition, account, gres...)
-                raise HpcRolloutError(
-                    f"sbatch refused the array for {rundir.root}: {exc}\ncheck the slurm.* settings "
-                    "(partition, account, qos, gpus_per_task, time_min), or see the script with --dry-run"
-                ) from None
-            array_id = jobs[0].job_id.split("_")[0]
-            entry = {
-                "executor": "slurm",
-                "command": command,
-                "job_id": array_id,
-                "job_ids": [job.job_id for job in jobs],  # ARRAY_INDEX, or a plain id for a single task
-                "tasks": wanted,
-                "time": time.time(),
-                "num_tasks": rundir.manifest()["num_tasks"],
-                "host": os.uname().nodename,
-                "folder": str(submitit_folder(rundir)),
-            }
-            record_submission(rundir, entry)
-            result["job_id"] = array_id
-    if config.executor.type == "local":
-        try:
-            # Each task's exit code goes to its local task record, which status reads.
-            result["exit_codes"] = run_local(rundir.root, wanted, config.executor.local_parallelism, locks=locks)
-        finally:
-            release_task_locks(locks)
+        executor.reserve(rundir, wanted)
+        result.update(executor.submit(rundir, config, wanted, command))
+    result.update(executor.wait(rundir, config, wanted))  # local tasks run here, after the lock
     return result
 
 
 @contextlib.contextmanager
-def _released_on_error(locks: dict[int, int]) -> Iterator[None]:
-    from hpcrollout.local import release_task_locks
-
+def _released_on_error(executor: Executor) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        release_task_locks(locks)
+        executor.release()
         raise
 
 
@@ -288,11 +174,7 @@ def running_tasks(rundir: RunDir, config: RunConfig) -> dict[int, str]:
     """Tasks of this run queued or running now, {task: job}: SLURM's from squeue, local ones from their locks."""
     if not rundir.exists():
         return {}
-    if config.executor.type == "slurm":
-        return active_tasks(rundir)
-    from hpcrollout.local import local_active_tasks
-
-    return local_active_tasks(rundir)
+    return get_executor(config.executor.type).active_tasks(rundir)
 
 
 # ---------------------------------------------------------------------------------------------- dry run

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from hpcrollout.config import RunConfig, exact_budgets
 from hpcrollout.engines import Engine, PromptRequest, PromptResult, create_engine, prompt_seed
 from hpcrollout.errors import HpcRolloutError
+from hpcrollout.executors.engine_group import engine_identity
 from hpcrollout.images import BadImage, image_base, prompt_images
 from hpcrollout.prompts import BadPrompt, normalize_prompt
 from hpcrollout.rundir import RunDir, atomic_path, fsync_dir, static_task, write_json_atomic
@@ -43,6 +44,7 @@ from hpcrollout.structured import constraint_of_cell
 log = logging.getLogger("hpcrollout")
 
 _active: dict[int, ShardRun] = {}  # shards being generated in this process, for flush_now()
+_IDENTITY = engine_identity()  # this process's engine index and GPUs, named in its heartbeats
 
 
 def flush_now() -> None:
@@ -63,6 +65,17 @@ def _maybe_crash(point: str) -> None:
     if _crash_counts[point] == int(nth or 1):
         log.warning("HPCROLLOUT_CRASH_AT=%s: killing the process", os.environ["HPCROLLOUT_CRASH_AT"])
         os._exit(137)
+
+
+def _maybe_pause(point: str) -> None:
+    """Fault injection for the engine tests: HPCROLLOUT_PAUSE_AT=point stops the process (SIGSTOP) the first time
+    there, so a test can kill it, or let it go on, at a known place."""
+    if os.environ.get("HPCROLLOUT_PAUSE_AT") == point and not _crash_counts.get(f"pause:{point}"):
+        _crash_counts[f"pause:{point}"] = 1
+        import signal
+
+        log.warning("HPCROLLOUT_PAUSE_AT=%s: stopping the process", point)
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def read_rows(paths: list[Path]) -> list[int]:
@@ -222,6 +235,7 @@ class ShardRun:
             with atomic_path(self.rundir.parts_dir(self.shard) / name) as tmp:
                 pq.write_table(results_to_table(batch, self.schema), tmp, compression="zstd")
             _maybe_crash("after_part")
+            _maybe_pause("after_part")
         self.inflight = []
         self.last_commit = time.monotonic()
         self.heartbeat(force=True)
@@ -259,6 +273,8 @@ class ShardRun:
             token_budget_left=self.budget_left if self.budgets is not None else None,
             eta_s=None if eta is None else round(eta, 1),
             eta_basis=basis,
+            engine_index=_IDENTITY["engine_index"],
+            gpus=_IDENTITY["gpus"],
         )
         if state == "running":
             log.info(
@@ -418,7 +434,7 @@ def finish_shard(rundir: RunDir, shard: int, schema: pa.Schema, attempt: dict[st
         "errors": table.num_rows - table.column("error").null_count,
         "output_tokens": int(pc.sum(pc.list_flatten(table.column("response_tokens"))).as_py() or 0),
         "finished": time.time(),
-        "host": socket.gethostname(),
+        **engine_identity(),  # host, pid, engine index and GPUs of the engine that finished it
         **attempt,
     }
     if created or not rundir.done_marker(shard).is_file():  # a marker left from a deleted output is replaced
@@ -648,18 +664,35 @@ def run_task(
     run_dir: str | Path, task_id: int, *, shards: list[int] | None = None, num_tasks: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_result: Callable[[PromptResult, EngineMeter], None] | None = None,
+    engine: int | None = None, claims_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """What one array task does: its shards (static) or claimed shards (dynamic), through one engine.
+    """What one array task does: its shards (static) or claimed shards (dynamic), through one engine, or through
+    executor.engines_per_task engine processes (executors/engine_group.py).
 
-    The engine starts only once there is a shard to work on, so a task with nothing to do frees its GPUs at once.
+    engine: this process is engine E of the task's engines; static mode, they share the task's shards through the
+    claims in claims_dir. The engine starts only once there is a shard to work on, so a task with nothing to do
+    frees its GPUs at once.
     """
     rundir = RunDir(run_dir)
     config = rundir.load_config()
-    board = None
-    if config.sharding.mode == "dynamic" and shards is None:
-        from hpcrollout.claims import ClaimBoard
+    if engine is None and shards is None and config.executor.engines_per_task != 1:
+        from hpcrollout.executors.engine_group import engines_for_task, run_engine_group, task_gpu_ids
 
-        board = ClaimBoard(rundir, lease_s=config.sharding.lease_seconds)
+        gpus = task_gpu_ids()
+        k = engines_for_task(config, gpus)
+        if k > 1:
+            return run_engine_group(rundir, task_id, config, k, gpus, should_stop)
+    board = None
+    if shards is None and (config.sharding.mode == "dynamic" or claims_dir is not None):
+        from hpcrollout.claims import ClaimBoard, default_owner
+
+        owner = default_owner() + ("" if engine is None else f":engine{engine}")
+        # static: the task's shards, shared with its sibling engines; dynamic: the whole run's
+        order = None if config.sharding.mode == "dynamic" else task_shards(rundir, task_id, num_tasks)
+        board = ClaimBoard(
+            rundir, owner, order=order, lease_s=config.sharding.lease_seconds,
+            claims_dir=None if config.sharding.mode == "dynamic" else claims_dir,
+        )
         source = ShardSource(rundir, board=board)
         first = source.next(block=True)  # wait here, before any engine starts, for a unit to work on
         todo = [] if first is None else [first]
@@ -696,16 +729,42 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--task", type=int, default=None, help="array task index (default: SLURM_ARRAY_TASK_ID or 0)")
     parser.add_argument("--shard", type=int, action="append", default=None, help="run these shards instead")
+    parser.add_argument("--engine", type=int, default=None, help=argparse.SUPPRESS)  # one of a task's engines
+    parser.add_argument("--claims", default=None, help=argparse.SUPPRESS)  # static: that task's engine claims
 
 
 def main(args: argparse.Namespace) -> int:
     task = args.task
     if task is None:
         task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-    summary = run_task(args.run_dir, task, shards=args.shard)
+    should_stop = None
+    if args.engine is not None:
+        should_stop = _engine_process_setup()
+    summary = run_task(
+        args.run_dir, task, shards=args.shard, engine=args.engine,
+        claims_dir=Path(args.claims) if args.claims else None, should_stop=should_stop,
+    )
     done = [r["shard"] for r in summary["results"] if r.get("state") == "done"]
     print(f"task {task}: {len(done)} shard(s) done: {done}", file=sys.stderr)
     return 0
+
+
+def _engine_process_setup() -> Callable[[], bool]:
+    """One of a task's engines: pinned to its CPUs; SIGTERM (the task stopping) commits finished work and stops."""
+    import signal
+
+    from hpcrollout.executors.engine_group import pin_engine_cpus
+
+    pin_engine_cpus()
+    stop = {"now": False}
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        log.warning("engine: SIGTERM, committing finished results and stopping")
+        stop["now"] = True
+        flush_now()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: stop["now"]
 
 
 if __name__ == "__main__":

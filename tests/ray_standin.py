@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from hpcrollout import raycluster
+from hpcrollout.executors.slurm_task import SlurmTask
 from hpcrollout.rundir import write_json_atomic
-from hpcrollout.slurm_task import SlurmTask
 
 
 def placements_path(run_dir: str | Path, attempt: int) -> Path:

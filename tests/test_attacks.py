@@ -231,14 +231,14 @@ def test_a_deleted_output_with_its_marker_left_is_redone(finished, tmp_path, cap
 
 # ------------------------------------------------------------------------------------------ 6. local executor
 def _task_pid(rundir: RunDir, task: int) -> int | None:
-    from hpcrollout.local import local_task_record
+    from hpcrollout.executors.local import local_task_record
 
     rec = local_task_record(rundir, task)
     return rec.get("pid") if rec.get("state") == "running" else None
 
 
 def test_live_local_tasks_count_as_running_even_after_their_submit_is_killed(tiny_model, tmp_path):
-    from hpcrollout.local import local_active_tasks
+    from hpcrollout.executors.local import local_active_tasks
     from hpcrollout.submit import submit_run
 
     inp = write_input(tmp_path / "in.parquet", make_prompts(N))

@@ -124,7 +124,8 @@ def _killed_claimant(run_dir, lease_s: float) -> None:
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(run_dir.root), str(lease_s), str(flag)])
     try:
         for _ in range(1200):
-            if flag.exists() or child.poll() is not None:
+            # write_text creates the file before it writes: wait for the content, not the name
+            if (flag.exists() and flag.read_text()) or child.poll() is not None:
                 break
             time.sleep(0.05)
         assert flag.read_text() == "0"

@@ -90,7 +90,7 @@ def test_local_tasks_leave_no_orphans(tmp_path):
     """A task's leftover child processes (vLLM's engine core) die with it."""
     import time
 
-    from hpcrollout.local import _kill_group
+    from hpcrollout.executors.local import _kill_group
 
     proc = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
                              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "

@@ -94,3 +94,32 @@ def test_relative_paths_resolve_against_the_config_file_and_the_command_line_aga
     assert c.model.tokenizer == "Qwen/Qwen3-4B"  # a hub name stays one
     c = load_config(p, ["data.input=other.parquet"], base={"run_dir": "here"})
     assert c.data.input == str(tmp_path / "other.parquet") and c.run_dir == str(tmp_path / "here")
+
+
+def test_engines_per_task_must_fit_the_task_gpus():
+    """K engines x tensor x pipeline parallel size may not exceed slurm.gpus_per_task; the error names the keys."""
+    ok = load_config(None, ["executor.type=slurm", "slurm.gpus_per_task=4", "engine.tensor_parallel_size=2",
+                            "executor.engines_per_task=2"])
+    assert ok.executor.engines_per_task == 2
+    assert load_config(None, ["executor.engines_per_task=auto"]).executor.engines_per_task == "auto"
+    with pytest.raises(HpcRolloutError) as err:
+        load_config(None, ["executor.type=slurm", "slurm.gpus_per_task=4", "engine.tensor_parallel_size=2",
+                           "executor.engines_per_task=3"])
+    for key in ("executor.engines_per_task", "engine.tensor_parallel_size", "slurm.gpus_per_task"):
+        assert key in str(err.value)
+    with pytest.raises(HpcRolloutError, match="executor.engines_per_task: must be at least 1"):
+        load_config(None, ["executor.engines_per_task=0"])
+
+
+def test_engines_per_task_auto_and_slices():
+    """auto = the task's GPUs / (tp x pp); each engine gets its own consecutive slice."""
+    from hpcrollout.executors.engine_group import engines_for_task, gpu_slices
+
+    gpus = ["0", "1", "2", "3"]
+    tp2 = load_config(None, ["engine.tensor_parallel_size=2", "executor.engines_per_task=auto"])
+    assert engines_for_task(tp2, gpus) == 2
+    assert gpu_slices(gpus, 2, 2) == [["0", "1"], ["2", "3"]]
+    assert engines_for_task(load_config(None, ["executor.engines_per_task=auto"]), gpus) == 4
+    assert engines_for_task(load_config(None, ["executor.engines_per_task=auto"]), []) == 1
+    with pytest.raises(HpcRolloutError, match="executor.engines_per_task is 3 x 2 GPUs"):
+        engines_for_task(load_config(None, ["engine.tensor_parallel_size=2", "executor.engines_per_task=3"]), gpus)

@@ -8,7 +8,7 @@ import sys
 
 import pyarrow.parquet as pq
 
-from hpcrollout.local import run_local
+from hpcrollout.executors.local import run_local
 from hpcrollout.merge import merge_run
 from hpcrollout.shard import prepare_run
 from hpcrollout.worker import run_task

@@ -8,7 +8,7 @@ import pytest
 
 from hpcrollout import engines
 from hpcrollout.config import load_config
-from hpcrollout.local import run_local
+from hpcrollout.executors.local import run_local
 from hpcrollout.rundir import RunDir
 from hpcrollout.shard import prepare_run
 from tests.conftest import make_config, make_prompts, write_input

@@ -117,7 +117,7 @@ def test_demo_pipeline_killed_task_resumes_to_identical_output(tmp_path):
 
     from hpcrollout.config import build_config
     from hpcrollout.demo import DEMO_CONFIG, demo_prompts
-    from hpcrollout.local import run_local
+    from hpcrollout.executors.local import run_local
     from hpcrollout.tinymodel import build_tiny_model
 
     model = build_tiny_model(tmp_path / "model")

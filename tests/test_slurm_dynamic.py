@@ -14,11 +14,12 @@ import pytest
 from hpcrollout import resume, status
 from hpcrollout.claims import ClaimBoard
 from hpcrollout.errors import HpcRolloutError
+from hpcrollout.executors.jobs import latest_jobs
+from hpcrollout.executors.slurm_task import read_task_record
 from hpcrollout.merge import merge_run
 from hpcrollout.rundir import RunDir, read_json
 from hpcrollout.shard import prepare_run
-from hpcrollout.slurm_task import read_task_record
-from hpcrollout.status import format_status, latest_jobs, run_status
+from hpcrollout.status import format_status, run_status
 from hpcrollout.submit import dry_run, dynamic_task_ids, submit_run
 from hpcrollout.worker import run_task
 from tests.conftest import make_config, make_prompts, write_input

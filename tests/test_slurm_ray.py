@@ -17,10 +17,11 @@ import pytest
 
 from hpcrollout import raycluster, submit
 from hpcrollout.config import build_config
+from hpcrollout.executors.jobs import latest_jobs
+from hpcrollout.executors.slurm_task import read_task_record
 from hpcrollout.rundir import RunDir, read_json
 from hpcrollout.shard import prepare_run
-from hpcrollout.slurm_task import read_task_record
-from hpcrollout.status import format_status, latest_jobs, run_status
+from hpcrollout.status import format_status, run_status
 from tests.conftest import make_prompts, write_input
 from tests.ray_standin import StandInTask, placements_path
 from tests.slurm_fixtures import wait_for_jobs, wait_until

@@ -11,11 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from hpcrollout import resume, status
+from hpcrollout.executors.jobs import latest_jobs
+from hpcrollout.executors.slurm_task import read_task_record
 from hpcrollout.merge import merge_run
 from hpcrollout.rundir import RunDir, read_json
 from hpcrollout.shard import prepare_run
-from hpcrollout.slurm_task import read_task_record
-from hpcrollout.status import latest_jobs, run_status
+from hpcrollout.status import run_status
 from hpcrollout.submit import submit_run
 from hpcrollout.worker import committed_parts, read_rows, run_task
 from tests.conftest import make_prompts, write_input

@@ -14,9 +14,10 @@ import pytest
 
 from hpcrollout import resume
 from hpcrollout.errors import HpcRolloutError
+from hpcrollout.executors.slurm import sbatch_script, slurm_parameters
 from hpcrollout.rundir import RunDir
 from hpcrollout.shard import prepare_run
-from hpcrollout.submit import dry_run, sbatch_script, slurm_parameters, submit_run
+from hpcrollout.submit import dry_run, submit_run
 from hpcrollout.worker import run_task
 from tests.conftest import make_config, make_prompts, write_input
 
@@ -209,11 +210,11 @@ def test_demo_config_runs_from_any_directory_with_no_earlier_step(tmp_path):
 
 
 def test_dry_run_does_not_list_queued_or_running_shards_as_to_run(tiny_model, tmp_path, monkeypatch):
-    import hpcrollout.submit as submit
+    import hpcrollout.executors.slurm as slurm
 
     config = _config(tmp_path, tiny_model)
     prepare_run(config)
-    monkeypatch.setattr(submit, "active_tasks", lambda rundir: {1: "77_1"})  # squeue: task 1 is running
+    monkeypatch.setattr(slurm, "active_tasks", lambda rundir: {1: "77_1"})  # squeue: task 1 is running
     text = dry_run(config)
     assert "shards: 3 (2 to run, 1 queued or running)" in text
     (row,) = [ln for ln in text.splitlines() if ln.split()[:1] == ["1"]]

@@ -39,8 +39,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hpcrollout.config import RunConfig, build_config
+from hpcrollout.executors.jobs import latest_jobs, task_of_job
+from hpcrollout.executors.slurm import squeue_states
 from hpcrollout.rundir import RunDir, read_json
-from hpcrollout.status import format_status, latest_jobs, run_status, squeue_states, task_of_job
+from hpcrollout.status import format_status, run_status
 
 log = logging.getLogger("hpcrollout")
 TOPICS = ["primes", "tides", "bread", "stars", "rivers", "music", "chess", "clouds", "glaciers", "maps"]
@@ -162,7 +164,7 @@ def run_array(config: RunConfig, watch=None, poll_s: float = 0.5, timeout_s: flo
 
 def timeline(rundir: RunDir, t0: float) -> dict[str, Any]:
     """Last completion time, and per task: start, end, units finished (from task records, markers, heartbeats)."""
-    from hpcrollout.slurm_task import read_task_record
+    from hpcrollout.executors.slurm_task import read_task_record
 
     manifest = rundir.manifest()
     finished = []
@@ -240,7 +242,7 @@ class Killer:
 
     def _maybe_kill(self, rundir: RunDir, t0: float) -> None:
         from hpcrollout.claims import ClaimBoard
-        from hpcrollout.slurm_task import read_task_record
+        from hpcrollout.executors.slurm_task import read_task_record
         from hpcrollout.worker import committed_parts, read_rows
 
         shards = {s["shard"]: s for s in rundir.manifest()["shards"]}

@@ -19,6 +19,7 @@ __all__ = [
     "prompt_seed",
     "create_engine",
     "allocated_gpus",
+    "visible_gpu_ids",
     "tensor_parallel_size",
     "cpu_threads",
     "limit_cpu_threads",
@@ -27,6 +28,18 @@ __all__ = [
 # The thread pools of the math libraries torch (and numpy) may use; each reads its variable when it starts.
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _USER_THREADS = "HPCROLLOUT_USER_OMP_NUM_THREADS"
+
+
+# Set by a task that runs several engines (executor.engines_per_task): this engine's share of the task's CPUs.
+ENGINE_THREADS_VAR = "HPCROLLOUT_ENGINE_THREADS"
+
+
+def visible_gpu_ids() -> list[str]:
+    """The GPU ids in CUDA_VISIBLE_DEVICES, in order ([] when unset or empty)."""
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ""
+    return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
 
 
 def allocated_gpus() -> int:
@@ -72,7 +85,10 @@ def cpu_threads(config: RunConfig) -> int:
 
     usable = _usable_cpus()
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if slurm.isdigit() and int(slurm) > 0:
+    engine = os.environ.get(ENGINE_THREADS_VAR, "")
+    if engine.isdigit() and int(engine) > 0:  # one of the task's engines: its share, set by the task
+        share = int(engine)
+    elif slurm.isdigit() and int(slurm) > 0:
         share = int(slurm)
     else:
         ex = config.executor

@@ -137,7 +137,9 @@ def compile_cache_root(config: Any) -> Path:
     """Where vLLM keeps its torch.compile cache (``engine.compile_cache``; see the module docstring)."""
     choice = config.engine.compile_cache
     if choice == "run" and config.run_dir:
-        return Path(config.run_dir) / "cache" / "vllm"
+        from hpcrollout.rundir import RunDir
+
+        return RunDir(config.run_dir).vllm_cache_dir
     if choice not in ("shared", "run"):
         return Path(os.path.expandvars(choice)).expanduser()
     if os.environ.get("VLLM_CACHE_ROOT"):

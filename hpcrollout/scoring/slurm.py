@@ -67,7 +67,7 @@ def submit_scoring(
     """Submit one array task per shard to score; returns (shards, submitit jobs)."""
     import submitit
 
-    from hpcrollout.submit import slurm_parameters
+    from hpcrollout.executors.slurm import slurm_parameters
 
     rd = RunDir(run_dir)
     rd.require()

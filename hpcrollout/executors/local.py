@@ -25,11 +25,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpcrollout.errors import HpcRolloutError
+from hpcrollout.executors.base import Executor
+from hpcrollout.executors.jobs import Submission, record_submission
 from hpcrollout.procs import HOST, process_start
 from hpcrollout.rundir import RunDir, read_json, write_json_atomic
+
+if TYPE_CHECKING:
+    from hpcrollout.config import RunConfig
 
 log = logging.getLogger("hpcrollout")
 
@@ -145,7 +150,7 @@ def run_local(
             while queue or running:
                 while queue and len(running) < max(1, parallelism):
                     task = queue.pop(0)
-                    logf = logs[task] = open(rundir.logs_dir / f"local-task-{task}.log", "ab")
+                    logf = logs[task] = open(rundir.local_task_log(task), "ab")
                     # Own session: when the task ends, whatever it left behind (vLLM's engine-core process,
                     # holding GPU memory) is killed with its process group, as SLURM's cgroup does on a cluster.
                     # The lock fd is inherited: the worker holds the task's lock for as long as it lives.
@@ -186,7 +191,7 @@ def run_local(
                                 "task %d failed with exit code %d; see %s",
                                 task,
                                 proc.returncode,
-                                rundir.logs_dir / f"local-task-{task}.log",
+                                rundir.local_task_log(task),
                             )
                         else:
                             log.info("task %d finished", task)
@@ -217,3 +222,42 @@ def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+class LocalExecutor(Executor):
+    """Tasks as processes on this machine, at most executor.local_parallelism at once; run by the submit itself."""
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self.locks: dict[int, int] = {}
+
+    def active_tasks(self, rundir: RunDir) -> dict[int, str]:
+        return local_active_tasks(rundir)
+
+    def reserve(self, rundir: RunDir, tasks: list[int]) -> None:
+        # Locked under the run directory's lock, so a submit right after this one sees these tasks running.
+        self.locks.update(hold_task_locks(rundir, tasks))
+
+    def submit(self, rundir: RunDir, config: RunConfig, tasks: list[int], command: str) -> dict[str, Any]:
+        # Recorded before running so status can tell a local run from a never-started one.
+        entry: Submission = {
+            "executor": "local",
+            "command": command,
+            "tasks": tasks,
+            "time": time.time(),
+            "num_tasks": rundir.manifest()["num_tasks"],
+        }
+        record_submission(rundir, entry)
+        return {}
+
+    def wait(self, rundir: RunDir, config: RunConfig, tasks: list[int]) -> dict[str, Any]:
+        try:
+            # Each task's exit code goes to its local task record, which status reads.
+            codes = run_local(rundir.root, tasks, config.executor.local_parallelism, locks=self.locks)
+        finally:
+            self.release()
+        return {"exit_codes": codes}
+
+    def release(self) -> None:
+        release_task_locks(self.locks)

@@ -25,21 +25,14 @@ import submitit
 from submitit.core.utils import UncompletedJobError
 
 from hpcrollout.errors import HpcRolloutError
-from hpcrollout.rundir import RunDir, read_json, shard_name, write_json_atomic
+from hpcrollout.rundir import RunDir, read_json, write_json_atomic
 
 log = logging.getLogger("hpcrollout")
-
-TASKS_DIR = "tasks"
-
-
-def task_record_path(run_dir: RunDir, task_id: int) -> Path:
-    return run_dir.root / TASKS_DIR / f"{shard_name(task_id)}.json"
-
 
 def read_task_record(run_dir: RunDir, task_id: int) -> dict[str, Any]:
     """The task's record, or {} if it never started (or the file is unreadable)."""
     try:
-        record = read_json(task_record_path(run_dir, task_id))
+        record = read_json(run_dir.task_record(task_id))
     except (FileNotFoundError, HpcRolloutError):
         return {}
     return record if isinstance(record, dict) else {}
@@ -203,7 +196,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
         except Exception:  # not started by submitit (a direct call): no submitit logs to point to
             pass
         record["time"] = time.time()
-        write_json_atomic(task_record_path(rundir, task_id), record)
+        write_json_atomic(rundir.task_record(task_id), record)
         log.info("task %d (job %s) attempt %d on %s", task_id, job_id, record["attempts"], record["host"])
         return record
 
@@ -212,7 +205,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
         try:
             record = read_task_record(rundir, task_id)
             record.update(fields, time=time.time())
-            write_json_atomic(task_record_path(rundir, task_id), record)
+            write_json_atomic(rundir.task_record(task_id), record)
         except OSError:
             log.exception("could not update the task record of task %d", task_id)
 
