@@ -91,7 +91,7 @@ def test_two_node_task_forms_a_ray_cluster_and_rebuilds_it_after_requeue(
         slurm={"nodes": 2, "gpus_per_task": 2, "cpus_per_task": 2, "partition": "multi", "ray_timeout_s": 120},
     )
     prepare_run(config)
-    monkeypatch.setattr(submit, "SlurmTask", StandInTask)  # the real task, with a stand-in engine
+    monkeypatch.setattr("hpcrollout.executors.slurm_task.SlurmTask", StandInTask)  # the real task, stand-in engine
     result = submit.submit_run(config)
     rundir = RunDir(config.run_dir)
     (job,) = latest_jobs(rundir).values()
