@@ -85,8 +85,12 @@ def _run_group(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
 
 def _start(rundir_root: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "hpcrollout.worker", str(rundir_root), "--task", "0"], env=env, cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        [sys.executable, "-m", "hpcrollout.worker", str(rundir_root), "--task", "0"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
@@ -107,8 +111,12 @@ def test_tp2_engine_samples_n_with_seeds_and_reproduces_across_kill_and_resume(t
         assert run_shard(ref_run, 0, engine, ref_config)["state"] == "done"
         expected = _merged(ref_run.root, tmp_path / "reference" / "merged.parquet")
         n, seed = ref_config.sampling.n, ref_config.sampling.seed
-        for uid, seeds, responses in zip(expected["uid"].to_pylist(), expected["sample_seeds"].to_pylist(),
-                                         expected["responses"].to_pylist(), strict=True):
+        for uid, seeds, responses in zip(
+            expected["uid"].to_pylist(),
+            expected["sample_seeds"].to_pylist(),
+            expected["responses"].to_pylist(),
+            strict=True,
+        ):
             assert len(responses) == n and seeds == [prompt_seed(seed, uid) + i for i in range(n)]
 
         config = _config(make_config, tmp_path / "crashed", inp, **tp2)
@@ -118,8 +126,9 @@ def test_tp2_engine_samples_n_with_seeds_and_reproduces_across_kill_and_resume(t
         assert len(sorted(RunDir(rundir.root).parts_dir(0).glob("part-*.parquet"))) == 2  # two commits survived
 
         assert run_shard(RunDir(rundir.root), 0, VllmEngine(config, llm=engine.llm), config)["state"] == "done"
-        _assert_same(_merged(rundir.root, tmp_path / "crashed" / "merged.parquet"), expected, n,
-                     "TP=2 after kill and resume")
+        _assert_same(
+            _merged(rundir.root, tmp_path / "crashed" / "merged.parquet"), expected, n, "TP=2 after kill and resume"
+        )
     finally:
         engine.close()
 
@@ -143,8 +152,14 @@ def one_engine_reference(two_gpus, shared_llm, make_config, tmp_path_factory):  
 def _two_engine_run(make_config, tmp: Path, inp: Path, env: dict[str, str]):  # noqa: ANN001, ANN202
     from hpcrollout.shard import prepare_run
 
-    config = _config(make_config, tmp, inp, sharding={"num_shards": N_SHARDS}, executor={"engines_per_task": 2},
-                     checkpoint={"every_prompts": 1, "every_seconds": 30})
+    config = _config(
+        make_config,
+        tmp,
+        inp,
+        sharding={"num_shards": N_SHARDS},
+        executor={"engines_per_task": 2},
+        checkpoint={"every_prompts": 1, "every_seconds": 30},
+    )
     rundir = prepare_run(config)
     task_env = {**env, "CUDA_VISIBLE_DEVICES": "0,1", "HPCROLLOUT_PAUSE_AT": "after_part"}
     return config, rundir, _start(rundir.root, task_env)
@@ -162,8 +177,11 @@ def test_two_engines_one_gpu_each_claim_work_and_merge_to_the_one_engine_output(
     try:
         # each engine stops itself after its first committed part: both have claimed a shard and generated
         for engine in (0, 1):
-            wait_until(lambda e=engine: _stopped(_engine_pid(rundir, e)), timeout=400,
-                       what=f"engine {engine} to commit its first part")
+            wait_until(
+                lambda e=engine: _stopped(_engine_pid(rundir, e)),
+                timeout=400,
+                what=f"engine {engine} to commit its first part",
+            )
         pids = [_engine_pid(rundir, e) for e in (0, 1)]
         working = [{hb["shard"] for hb in _heartbeats(rundir, pid)} for pid in pids]
         assert working[0] and working[1] and not working[0] & working[1], working
@@ -178,17 +196,21 @@ def test_two_engines_one_gpu_each_claim_work_and_merge_to_the_one_engine_output(
     markers = _markers(rundir)
     assert {m["engine_index"] for m in markers.values()} == {0, 1}  # both engines finished shards
     assert {(m["engine_index"], tuple(m["gpus"])) for m in markers.values()} == {(0, ("0",)), (1, ("1",))}
-    _assert_same(_merged(rundir.root, tmp_path / "merged.parquet"), expected, config.sampling.n,
-                 "two engines vs one")
+    _assert_same(_merged(rundir.root, tmp_path / "merged.parquet"), expected, config.sampling.n, "two engines vs one")
 
 
-def test_sigkill_of_one_engine_its_shard_is_finished_by_the_other(two_gpus, make_config, one_engine_reference, tmp_path):
+def test_sigkill_of_one_engine_its_shard_is_finished_by_the_other(
+    two_gpus, make_config, one_engine_reference, tmp_path
+):
     inp, expected = one_engine_reference
     config, rundir, task = _two_engine_run(make_config, tmp_path, inp, two_gpus)
     try:
         for engine in (0, 1):
-            wait_until(lambda e=engine: _stopped(_engine_pid(rundir, e)), timeout=400,
-                       what=f"engine {engine} to stop mid-shard")
+            wait_until(
+                lambda e=engine: _stopped(_engine_pid(rundir, e)),
+                timeout=400,
+                what=f"engine {engine} to stop mid-shard",
+            )
         pid0, pid1 = _engine_pid(rundir, 0), _engine_pid(rundir, 1)
         from hpcrollout.rundir import read_json
         from hpcrollout.worker import committed_parts
@@ -196,8 +218,10 @@ def test_sigkill_of_one_engine_its_shard_is_finished_by_the_other(two_gpus, make
         killed = [hb["shard"] for hb in _heartbeats(rundir, pid1)]
         assert killed and any(committed_parts(rundir, s) for s in killed)  # mid-shard: part committed
         os.kill(pid1, signal.SIGKILL)
-        wait_until(lambda: read_json(rundir.engine_record(0, 1)).get("exit_code") == -signal.SIGKILL,
-                   what="the task to see engine 1 die")
+        wait_until(
+            lambda: read_json(rundir.engine_record(0, 1)).get("exit_code") == -signal.SIGKILL,
+            what="the task to see engine 1 die",
+        )
         os.kill(pid0, signal.SIGCONT)
         code, log = _run_group(task)
     finally:
@@ -208,5 +232,6 @@ def test_sigkill_of_one_engine_its_shard_is_finished_by_the_other(two_gpus, make
     assert "reclaimed shard" in rundir.engine_log(0, 0).read_text()
     markers = _markers(rundir)
     assert all(markers[s]["engine_index"] == 0 and markers[s]["gpus"] == ["0"] for s in killed)
-    _assert_same(_merged(rundir.root, tmp_path / "merged.parquet"), expected, config.sampling.n,
-                 "after SIGKILL of engine 1")
+    _assert_same(
+        _merged(rundir.root, tmp_path / "merged.parquet"), expected, config.sampling.n, "after SIGKILL of engine 1"
+    )
