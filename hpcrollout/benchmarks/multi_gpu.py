@@ -216,7 +216,7 @@ def report(summary: dict[str, Any]) -> str:
         engines = "; ".join(
             f"e{e.get('engine_index') or 0} TP{e.get('tensor_parallel_size')}"
             f" start {e['engine_start_s']:.1f} s"
-            + ({True: " (compiled)", False: " (cache warm)", None: ""}[e.get("compiled")])
+            + ({True: " (compiled)", False: " (from the cache)", None: ""}[e.get("compiled")])
             + (f" after {e['lock_wait_s']:.1f} s lock wait" if e.get("lock_wait_s") else "")
             + (f", shards {e['shards']}" if "shards" in e else "")
             for e in r.get("engines", [])
