@@ -7,9 +7,12 @@
 #   bash tests/gpu/run_on_device.sh headline-a              # headline workload: raw vs hpcrollout
 #   bash tests/gpu/run_on_device.sh headline-b              # headline workload: raw vs chunk-with-barrier
 #   DEADLINE=570 bash tests/gpu/run_on_device.sh ...        # seconds the whole call may take (default 570)
+#   DEADLINE=590 bash tests/gpu/run_on_device.sh multi-gpu  # on nvidia-h200-x2: multi-GPU tests, then benchmark
 #
 # Steps: tests | variable | variable-budget | variable-order | variable-400[-order|-wide] | headline-order | eos | eos-budget | headline-a | headline-b | headline-all |
 #        headline-pace[3] (raw, paced hpcrollout[, unpaced]) | headline-fp8 | headline-aba | eos-aba | e2e (end_to_end.py: the seed-style script vs hpcrollout run) | check
+#        multi-gpu (needs 2 GPUs, nvidia-h200-x2: tests/gpu/test_multi_gpu.py, then benchmarks/multi_gpu.py: 2x1 vs 1x2
+#        vs raw TP=2, engine start TP=2 vs TP=1, compile cache of two engines at once) | multi-gpu-tests | multi-gpu-bench
 set -uo pipefail
 OUT=${OUT:-/tmp/hpcr-out}
 DEADLINE=${DEADLINE:-570}
@@ -54,6 +57,27 @@ run_tests() {
   [ "$prc" -eq 0 ] || rc=1
 }
 
+run_multi_tests() {  # the multi-GPU tests only (the one-GPU suite is the tests step), leaving RESERVE for the benchmark
+  local t=$(( $(left) - ${RESERVE:-0} ))
+  local extra=()
+  python3 -c "import pytest_timeout" 2>/dev/null && extra=(--timeout 240)
+  echo "== pytest -m gpu tests/gpu/test_multi_gpu.py (limit ${t}s)"
+  HPCR_GPU_RESULTS="$OUT" timeout --signal=INT "$t" python3 -m pytest -m gpu tests/gpu/test_multi_gpu.py -v -ra "${extra[@]}" \
+    > "$OUT/pytest-multi-gpu.log" 2>&1
+  local prc=$?
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|error" "$OUT/pytest-multi-gpu.log" | tail -20
+  echo "pytest exit code: $prc" | tee -a "$OUT/pytest-multi-gpu.log"
+  [ "$prc" -eq 0 ] || rc=1
+}
+
+run_multi_bench() {  # three fresh processes on one empty compile cache, each given what is left of the call
+  local t; t=$(left)
+  echo "== benchmark multi-gpu (limit ${t}s)"
+  timeout --signal=INT "$t" python3 -m hpcrollout.benchmarks.multi_gpu --work_dir /tmp/hpcr-multi-gpu \
+    --deadline_s $(( t - 15 )) --out "$OUT/multi-gpu.json" > "$OUT/multi-gpu.log" 2>&1 || rc=1
+  grep -vE "^\s*$" "$OUT/multi-gpu.log" | grep -E "^multi-gpu|^way|^2x1|^1x2|^raw-tp2|^engine start|^compile cache|Error|error" | tail -20
+}
+
 run_bench() {  # NAME ARGS...
   local name=$1; shift
   local t; t=$(left)
@@ -70,6 +94,8 @@ for step in "$@"; do
   [ "$step" = tests ] && after_tests=1 && continue
   [ "$after_tests" = 1 ] && case "$step" in variable*|headline*|eos*) RESERVE=${RESERVE:-330} ;; esac
 done
+# multi-gpu: its tests leave the benchmark about 390 s (three fresh processes, two of them compiling)
+case " $* " in *" multi-gpu "*) RESERVE=$(( ${RESERVE:-0} + 390 )) ;; esac
 for step in "$@"; do
   case "$step" in
     check) python3 -c "from hpcrollout.engines.vllm_engine import VllmEngine; print('import ok')" ;;
@@ -92,6 +118,9 @@ for step in "$@"; do
     headline-pace3) run_bench headline-pace3 --workload headline --ways raw,hpcrollout,hpcrollout:nopace ;;
     headline-aba) run_bench headline-aba --workload headline --ways raw,hpcrollout,raw ;;
     eos-aba) run_bench eos-aba --workload eos --ways raw,hpcrollout,raw ;;
+    multi-gpu) run_multi_tests; run_multi_bench ;;
+    multi-gpu-tests) run_multi_tests ;;
+    multi-gpu-bench) run_multi_bench ;;
     e2e) echo "== end to end (limit $(left)s)"
          timeout --signal=INT "$(left)" python3 -m hpcrollout.benchmarks.end_to_end --work_dir /tmp/hpcr-e2e \
            --cache_root "$CACHE" --out "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1 || rc=1
