@@ -96,3 +96,27 @@ def test_figures_from_done_markers_and_the_table():
         x.startswith("gone") and "not measured: skipped" in x for x in text.splitlines()
     )
     assert "first 80.0 s (compiled), second 30.0 s after waiting 75.0 s on the lock" in text
+
+
+def test_main_runs_the_ways_in_order_writes_json_after_each_and_skips_past_the_deadline(tmp_path, monkeypatch):
+    import hpcrollout.tinymodel
+
+    monkeypatch.setattr(hpcrollout.tinymodel, "build_model_shape", lambda path, shape: None)
+    calls = []
+
+    def fake_way(way, args, model, inp, seeds, env, work, tag, timeout):  # noqa: ANN001, ANN202
+        calls.append((way, env["VLLM_CACHE_ROOT"]))
+        if way == "1x2":
+            raise RuntimeError("1x2 failed (exit 1); see x.log")
+        monkeypatch.setattr(mg.time, "monotonic", lambda: 1e9)  # the deadline passes after the first way
+        return {"wall_s": 1.0, "output_tokens": 10, "engines": [], "busy_tok_s_per_gpu": 5.0,
+                "held_tok_s_per_gpu": 5.0, "wall_tok_s_per_gpu": 5.0}  # fmt: skip
+
+    monkeypatch.setattr(mg, "run_way", fake_way)
+    out = tmp_path / "m.json"
+    args = _args(prompts=4, ways="2x1,1x2", work_dir=str(tmp_path / "w"), out=str(out))
+    assert mg.main(args) == 1  # a way not measured: the call says so
+    summary = json.loads(out.read_text())
+    assert [c[0] for c in calls] == ["2x1"] and calls[0][1].startswith(str(tmp_path / "w" / "cache-"))
+    assert summary["ways"]["2x1"]["output_tokens"] == 10 and "skipped" in summary["ways"]["1x2"]["error"]
+    assert summary["workload"]["prompts"] == 4 and "not measured" in summary["report"]

@@ -1,7 +1,8 @@
 """Two GPUs of one host: 2 engines x TP=1 vs 1 engine x TP=2 vs raw ``LLM.chat`` with TP=2, per GPU, in one call.
 
 The long-tailed workload of vllm_throughput.py (``variable``: per-prompt max_tokens from a lognormal; its prompts,
-lengths and model shape, Qwen3-4B with dummy weights), every way a fresh process, in the order given:
+lengths and model shape, Qwen3-4B with dummy weights; the cap 2048 here by default, so that it fits one call),
+every way a fresh process, in the order given:
   2x1      ``hpcrollout run`` with ``executor.engines_per_task: 2`` and TP=1: one engine per GPU, both starting at
            once on one compile cache (the first call's cache is empty: one compiles under the lock, the other
            waits and loads: the compile-cache figure)
@@ -21,8 +22,10 @@ of ``--deadline_s``; the JSON (``--out``) is rewritten after every way, so a cal
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -110,7 +113,7 @@ def engines_of(markers: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "engine_index": ms[0].get("engine_index"), "gpus": ms[0].get("gpus"),
             "tensor_parallel_size": eng.get("tensor_parallel_size"), "engine_start_s": eng.get("engine_start_s"),
             "compiled": not cache.get("ready_before", False), "lock_wait_s": cache.get("waited_s", 0.0),
-            "first_start": min(m["started"] for m in ms), "last_end": max(m["finished"] for m in ms),
+            "first_start": min(m.get("started", m["finished"]) for m in ms), "last_end": max(m["finished"] for m in ms),
             "shards": sorted(m["shard"] for m in ms), "output_tokens": sum(m.get("output_tokens", 0) for m in ms),
         })  # fmt: skip
     return sorted(out, key=lambda e: (e["engine_index"] is None, e["engine_index"] or 0))
@@ -136,12 +139,18 @@ def run_way(way: str, args: argparse.Namespace, model: Path, inp: Path, seeds: l
         cmd = hpcrollout_command(args, way, model, inp, work / f"{tag}.parquet", work / f"{tag}.run")
     started = time.perf_counter()
     with open(log_path, "w") as f:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=env, timeout=timeout)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=env, start_new_session=True)
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        finally:  # a way cut short, or one that left vLLM processes behind, must not hold the GPUs of the next
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     wall = time.perf_counter() - started
     if proc.returncode:
         raise RuntimeError(f"{way} failed (exit {proc.returncode}); see {log_path}")
     if way == "raw-tp2":
-        line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+        line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
         res = json.loads(line[len("RESULT ") :])
         gen = res["generation_s"]
         res.update(wall_s=wall, engines=[{"tensor_parallel_size": 2, "engine_start_s": res["engine_start_s"],
@@ -153,7 +162,7 @@ def run_way(way: str, args: argparse.Namespace, model: Path, inp: Path, seeds: l
     engines = engines_of(markers)
     tokens = sum(m.get("output_tokens", 0) for m in markers)
     return {"wall_s": wall, "output_tokens": tokens, "engines": engines, **per_gpu(tokens, wall, engines, 2),
-            "timings": next((x for x in proc.stdout.splitlines() if x.startswith("took ")), "")}  # fmt: skip
+            "timings": next((x for x in stdout.splitlines() if x.startswith("took ")), "")}  # fmt: skip
 
 
 def start_figures(ways: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -204,7 +213,7 @@ def report(summary: dict[str, Any]) -> str:
         f"{'vs raw':>8}{'vs 1x2':>8}  engines",
     ]
     ways = summary["ways"]
-    ref = {k: next((r["busy_tok_s_per_gpu"] for n, r in ways.items() if n.split("#")[0] == k), None)
+    ref = {k: next((r.get("busy_tok_s_per_gpu") for n, r in ways.items() if n.split("#")[0] == k and "error" not in r), None)
            for k in ("raw-tp2", "1x2")}  # fmt: skip
     fmt = lambda x: "-" if x is None else f"{x:,.0f}"  # noqa: E731
     for name, r in ways.items():
