@@ -34,6 +34,8 @@ pytestmark = pytest.mark.gpu
 
 N_PROMPTS = 16
 N_SHARDS = 4
+# the task's two GPUs: the first two visible (each engine gets one, named in its done markers)
+GPUS = ([g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()] or ["0", "1"])[:2]
 COLUMNS = ("uid", "sample_seeds", "token_ids", "responses", "response_tokens", "prompt_tokens")
 
 
@@ -161,7 +163,7 @@ def _two_engine_run(make_config, tmp: Path, inp: Path, env: dict[str, str]):  # 
         checkpoint={"every_prompts": 1, "every_seconds": 30},
     )
     rundir = prepare_run(config)
-    task_env = {**env, "CUDA_VISIBLE_DEVICES": "0,1", "HPCROLLOUT_PAUSE_AT": "after_part"}
+    task_env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(GPUS), "HPCROLLOUT_PAUSE_AT": "after_part"}
     return config, rundir, _start(rundir.root, task_env)
 
 
@@ -195,7 +197,7 @@ def test_two_engines_one_gpu_each_claim_work_and_merge_to_the_one_engine_output(
     assert rundir.done_shards() == set(range(N_SHARDS))
     markers = _markers(rundir)
     assert {m["engine_index"] for m in markers.values()} == {0, 1}  # both engines finished shards
-    assert {(m["engine_index"], tuple(m["gpus"])) for m in markers.values()} == {(0, ("0",)), (1, ("1",))}
+    assert {(m["engine_index"], tuple(m["gpus"])) for m in markers.values()} == {(0, (GPUS[0],)), (1, (GPUS[1],))}
     _assert_same(_merged(rundir.root, tmp_path / "merged.parquet"), expected, config.sampling.n, "two engines vs one")
 
 
@@ -231,7 +233,7 @@ def test_sigkill_of_one_engine_its_shard_is_finished_by_the_other(
     assert rundir.done_shards() == set(range(N_SHARDS))
     assert "reclaimed shard" in rundir.engine_log(0, 0).read_text()
     markers = _markers(rundir)
-    assert all(markers[s]["engine_index"] == 0 and markers[s]["gpus"] == ["0"] for s in killed)
+    assert all(markers[s]["engine_index"] == 0 and markers[s]["gpus"] == [GPUS[0]] for s in killed)
     _assert_same(
         _merged(rundir.root, tmp_path / "merged.parquet"), expected, config.sampling.n, "after SIGKILL of engine 1"
     )
