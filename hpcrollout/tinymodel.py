@@ -261,6 +261,12 @@ def build_tiny_vlm(out_dir: str | Path, image_size: int = 56, patch_size: int = 
     return out
 
 
+def ensure_model_shape(out_dir: str | Path, shape: str = "qwen3-4b") -> Path:
+    """Build a model shape (config + tokenizer, for dummy weights) once; reuse it when it is already there."""
+    out = Path(out_dir)
+    return out if (out / "config.json").is_file() else build_model_shape(out, shape)
+
+
 def ensure_tiny_model(out_dir: str | Path, **kwargs: Any) -> Path:
     """Build the tiny model once; reuse it when it is already there."""
     out = Path(out_dir)

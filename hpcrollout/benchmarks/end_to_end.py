@@ -158,13 +158,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hpcrollout.tinymodel import build_model_shape
+    from hpcrollout.tinymodel import ensure_model_shape
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     model = work / f"model-{args.shape}"
-    if not (model / "config.json").is_file():
-        build_model_shape(model, args.shape)
+    ensure_model_shape(model, args.shape)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     inp = make_input(work / f"prompts-{stamp}.parquet", args.prompts, args.seed)
     env = {**os.environ, "VLLM_CACHE_ROOT": str(Path(args.cache_root or work / "cache").resolve())}

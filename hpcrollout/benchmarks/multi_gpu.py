@@ -275,15 +275,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hpcrollout.tinymodel import build_model_shape
+    from hpcrollout.tinymodel import ensure_model_shape
 
     began = time.monotonic()
     ways = parse_ways(args.ways)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     model = work / f"model-{args.shape}"
-    if not (model / "config.json").is_file():
-        build_model_shape(model, args.shape)
+    ensure_model_shape(model, args.shape)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     ids, prompts, lengths, seeds = workload(args)
     inp = work / f"prompts-{stamp}.parquet"

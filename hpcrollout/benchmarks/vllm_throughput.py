@@ -281,13 +281,12 @@ class FinishTimes:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from hpcrollout.engines.vllm_engine import VllmEngine
-    from hpcrollout.tinymodel import build_model_shape
+    from hpcrollout.tinymodel import ensure_model_shape
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model_dir) if args.model_dir else work / f"model-{args.shape}"
-    if not (model_dir / "config.json").is_file():
-        build_model_shape(model_dir, args.shape)
+    ensure_model_shape(model_dir, args.shape)
     if args.cache_root:
         os.environ["VLLM_CACHE_ROOT"] = str(Path(args.cache_root).resolve())
     prompts = make_prompts(args.prompts, args.seed)
