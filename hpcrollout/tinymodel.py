@@ -4,7 +4,9 @@
 byte-level BPE tokenizer and a ChatML chat template, loadable by transformers and vLLM alike.
 ``build_tiny_adapter(model_dir, dir)`` writes a random LoRA adapter for it (PEFT format; needs peft).
 ``build_tiny_vlm(dir)`` writes a random-weight vision-language model (LLaVA: a CLIP vision tower and a Llama
-decoder) with its processor, for image prompts on both backends.
+decoder) with its processor, for image prompts on both backends; ``build_tiny_qwen2_vl(dir)`` a Qwen2-VL one
+(variable image sizes, M-RoPE), which vLLM loads with every transformers release it runs with (its Qwen2-VL
+processor needs torchvision).
 ``build_model_shape(dir, "qwen3-4b")`` writes only config.json + tokenizer of a real model shape, for
 vLLM's ``load_format="dummy"`` (random weights, real compute) in throughput benchmarks.
 
@@ -258,6 +260,88 @@ def build_tiny_vlm(out_dir: str | Path, image_size: int = 56, patch_size: int = 
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     ).save_pretrained(str(out))
+    return out
+
+
+# The chat template of the tiny Qwen2-VL: ChatML, an image part becomes <|vision_start|><|image_pad|><|vision_end|>
+# (the processor then repeats <|image_pad|> once per merged patch).
+QWEN2_VL_CHAT_TEMPLATE = VLM_CHAT_TEMPLATE.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")
+QWEN2_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_tiny_qwen2_vl(out_dir: str | Path, patch_size: int = 14, seed: int = 0) -> Path:
+    """A random-weight Qwen2-VL model (its own vision transformer with 2x2 patch merging, a Qwen2 decoder with
+    M-RoPE, head_dim 64 in both as vLLM's kernels want) with a Qwen2VLProcessor: an image of W x H pixels becomes
+    (W' / 28) x (H' / 28) prompt tokens, W' and H' its size rounded to multiples of 28 within [min_pixels,
+    max_pixels] (``images.ImageTokens`` computes the same). About 8 MB; loadable by transformers and vLLM,
+    the architecture vLLM loads without the Pixtral classes that newer transformers releases dropped."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    try:  # the torchvision-backed processor where torchvision is installed, the PIL one otherwise
+        from transformers import Qwen2VLImageProcessorPil as ImageProcessor
+    except ImportError:  # transformers releases before the PIL/torchvision split
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out, vocab_size=1024)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN2_VL_TOKENS})
+    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(out))
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ["<|endoftext|>", "<|im_end|>", *QWEN2_VL_TOKENS]}
+    pad, eos = ids["<|endoftext|>"], ids["<|im_end|>"]
+    text = dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        bos_token_id=pad,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        tie_word_embeddings=True,
+    )
+    # head_dim 64 = hidden 256 / 4 heads; M-RoPE splits its 32 rotary frequencies over time, height, width
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]}
+    config = Qwen2VLConfig(
+        text_config={**text, "rope_parameters": rope, "rope_scaling": {"type": "mrope", **rope}},
+        vision_config=dict(
+            depth=2,
+            embed_dim=128,
+            hidden_size=256,  # the merger's output: the decoder's hidden size
+            mlp_ratio=2,
+            num_heads=2,
+            in_channels=3,
+            patch_size=patch_size,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(str(out))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "bos_token_id": pad}) + "\n")
+    side = 2 * patch_size
+    images = ImageProcessor(
+        patch_size=patch_size, merge_size=2, temporal_patch_size=2, min_pixels=4 * side * side, max_pixels=64 * side * side
+    )
+    images.save_pretrained(str(out))  # preprocessor_config.json; the tokenizer files hold the chat template
+    try:
+        Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE).save_pretrained(
+            str(out)
+        )
+    except (AttributeError, ImportError, ValueError):
+        # The processor also wants its video processor, which needs torchvision (the GPU machine has it, CI not):
+        # without it the files above are the whole processor, found by the config's model_type.
+        pass
     return out
 
 

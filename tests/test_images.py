@@ -229,6 +229,23 @@ def test_image_tokens_follow_the_qwen2_vl_resize_rule(tmp_path):
     assert ImageTokens(None)(100, 100) == 256  # no processor config: the default
 
 
+def test_image_tokens_match_the_tiny_qwen2_vl_processor(tmp_path):
+    """The Qwen2-VL that the GPU image test loads in vLLM (tinymodel.build_tiny_qwen2_vl): the work estimate
+    counts, for images of several sizes, the merged patches that its own image processor makes of them."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from hpcrollout.tinymodel import build_tiny_qwen2_vl
+
+    model = build_tiny_qwen2_vl(tmp_path / "qwen2vl")
+    processor = AutoImageProcessor.from_pretrained(str(model))
+    count = ImageTokens(str(model))
+    for size in [(40, 30), (56, 56), (300, 120), (1000, 1000), (17, 900)]:
+        grid = processor(images=[Image.new("RGB", size, (9, 9, 9))], return_tensors="np")["image_grid_thw"]
+        assert count(*size) == int(np.prod(grid[0])) // 4, size  # 2 x 2 patches merged into one token
+    assert count(40, 30) == 6  # 40 x 30 raised to min_pixels (4 cells): 84 x 56
+
+
 def test_the_uid_hashes_the_image_column_bytes(tmp_path, tiny_model):
     def uids(picture: bytes) -> list[str]:
         rows = [{"prompt": json.dumps(image_prompt(COLUMN)), "img": picture}]

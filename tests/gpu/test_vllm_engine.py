@@ -251,19 +251,22 @@ def test_lora_adapter_per_request(make_config, gpu_model, tmp_path):
 
 
 def test_image_prompts_reach_vllm_as_multimodal_data(make_config, tmp_path):
-    """A tiny random LLaVA (tinymodel.build_tiny_vlm: CLIP tower and Llama decoder, head_dim 64): an image part
-    reaches vLLM as multi-modal data and its 16 tokens count in prompt_tokens, the same image from two sources
-    gives the same greedy samples, and an image that does not decode is an error row naming it."""
+    """A tiny random Qwen2-VL (tinymodel.build_tiny_qwen2_vl: its vision transformer, a Qwen2 decoder with
+    M-RoPE, head_dim 64): an image part reaches vLLM as multi-modal data and its merged patches count in
+    prompt_tokens as the work estimate (images.ImageTokens) says, the same image from two sources gives the same
+    greedy samples, and an image that does not decode is an error row naming it. (Not the LLaVA of the CPU tests:
+    vLLM 0.26's LLaVA imports Pixtral classes that transformers 5.17 no longer has.)"""
     import io
 
     from PIL import Image
 
     from hpcrollout.engines.base import PromptRequest, prompt_seed
     from hpcrollout.engines.vllm_engine import VllmEngine
-    from hpcrollout.images import ImageInput
-    from hpcrollout.tinymodel import build_tiny_vlm
+    from hpcrollout.images import ImageInput, ImageTokens
+    from hpcrollout.tinymodel import build_tiny_qwen2_vl
 
-    model = build_tiny_vlm(tmp_path / "vlm")
+    model = build_tiny_qwen2_vl(tmp_path / "qwen2vl")
+    per_image = ImageTokens(str(model))(40, 30) + 2  # the merged patches, between <|vision_start|> and <|vision_end|>
     png = {}
     for name, color in (("red", (200, 10, 10)), ("blue", (10, 10, 200))):
         buf = io.BytesIO()
@@ -294,7 +297,8 @@ def test_image_prompts_reach_vllm_as_multimodal_data(make_config, tmp_path):
     finally:
         engine.close()
     assert [results[r].error for r in range(4)] == [None] * 4
-    assert results[1].prompt_tokens == results[0].prompt_tokens + 16  # "<image>" expanded to (56 / 14)^2 tokens
-    assert results[3].prompt_tokens == results[0].prompt_tokens + 32
+    assert per_image == 8  # 40 x 30 pixels raised to min_pixels: 3 x 2 cells of 28 pixels, plus the two markers
+    assert results[1].prompt_tokens == results[0].prompt_tokens + per_image
+    assert results[3].prompt_tokens == results[0].prompt_tokens + 2 * per_image
     assert results[1].samples[0].token_ids == results[2].samples[0].token_ids
     assert results[4].error.startswith("bad image: row 4, image 0 (/data/broken.png: not a readable image")
