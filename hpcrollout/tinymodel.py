@@ -334,14 +334,16 @@ def build_tiny_qwen2_vl(out_dir: str | Path, patch_size: int = 14, seed: int = 0
         patch_size=patch_size, merge_size=2, temporal_patch_size=2, min_pixels=4 * side * side, max_pixels=64 * side * side
     )
     images.save_pretrained(str(out))  # preprocessor_config.json; the tokenizer files hold the chat template
-    try:
-        Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE).save_pretrained(
-            str(out)
-        )
-    except (AttributeError, ImportError, ValueError):
-        # The processor also wants its video processor, which needs torchvision (the GPU machine has it, CI not):
-        # without it the files above are the whole processor, found by the config's model_type.
-        pass
+    try:  # the processor also wants its video processor, which needs torchvision (the GPU machine has it, CI not)
+        from transformers import Qwen2VLVideoProcessor
+
+        video = Qwen2VLVideoProcessor(patch_size=patch_size, merge_size=2, temporal_patch_size=2)
+    except (AttributeError, ImportError, ValueError, TypeError):
+        video = None  # without it the files above are the whole processor, found by the config's model_type
+    if video is not None:
+        Qwen2VLProcessor(
+            image_processor=images, tokenizer=tokenizer, video_processor=video, chat_template=QWEN2_VL_CHAT_TEMPLATE
+        ).save_pretrained(str(out))
     return out
 
 
