@@ -220,3 +220,18 @@ def test_dry_run_does_not_list_queued_or_running_shards_as_to_run(tiny_model, tm
     (row,) = [ln for ln in text.splitlines() if ln.split()[:1] == ["1"]]
     assert row.endswith("queued or running (job 77_1)")
     assert "would submit: 2 task(s) [0,2]" in text
+
+
+def test_a_task_pickled_under_the_old_module_path_still_loads(tmp_path):
+    """A run submitted before slurm_task.py moved to executors/ and requeued by SLURM after an upgrade: submitit
+    unpickles ``hpcrollout.slurm_task.SlurmTask``, which must still be the task (same state, same class)."""
+    import pickle
+
+    from hpcrollout.executors.slurm_task import SlurmTask
+
+    new = pickle.dumps(SlurmTask(tmp_path), protocol=0)  # protocol 0 names the class as text
+    assert b"hpcrollout.executors.slurm_task" in new
+    old = new.replace(b"hpcrollout.executors.slurm_task", b"hpcrollout.slurm_task")
+    task = pickle.loads(old)
+    assert type(task) is SlurmTask
+    assert (task.run_dir, task._requeued) == (str(tmp_path), False)
