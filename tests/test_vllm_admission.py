@@ -665,6 +665,32 @@ def test_pacing_staggers_equal_lengths_instead_of_waves_and_never_overflows(fake
         assert (info["pacing"], info["paced"] > 0) == ((None, False) if pacing is None else (0.1, True))
 
 
+def test_the_step_model_takes_per_prompt_lengths_and_never_overflows_with_them():
+    """admission_bound with a long tail of known lengths: hpcrollout's rule stays within the cache and never
+    beats the bound; raw vLLM preempts under pressure, but the newest samples it preempts are young, so it
+    recomputes a small share of the tokens (why the long-tail target cannot come from avoiding preemption)."""
+    from hpcrollout.benchmarks.admission_bound import (
+        lognormal_lengths,
+        lower_bound,
+        prompt_lengths,
+        simulate_hpcrollout,
+        simulate_raw,
+    )
+
+    prompts = prompt_lengths(60, 0, 20, 80)
+    lengths = lognormal_lengths(60, 0, 60.0, 1.0, 400)
+    assert max(lengths) <= 400 and min(lengths) >= 16 and len(set(lengths)) > 30
+    capacity = 12_000
+    raw = simulate_raw(prompts, 4, lengths, capacity, 1024)
+    hpcr = simulate_hpcrollout(prompts, 4, lengths, capacity, 1024)
+    bound = lower_bound(prompts, 4, lengths, capacity)
+    assert bound["parts"]["one sample"] == max(lengths)
+    assert hpcr["peak_projected"] <= capacity and hpcr["steps"] >= bound["steps"]
+    assert raw["preemptions"] > 0
+    generated = 4 * sum(lengths)
+    assert 0 < raw["tokens_redone"] < 0.25 * generated
+
+
 def test_auto_pacing_stays_off_for_unequal_or_unknown_lengths_and_for_one_wave(fake_vllm):
     engine, _ = make_engine(1.0, capacity=8000, n=4, max_tokens=400, max_num_seqs=1024)
     list(engine.generate(requests([50, 400, 120, 300] * 10)))  # a mix: the greedy rule staggers by itself

@@ -50,9 +50,10 @@ def prompt_lengths(count: int, seed: int, low: int, high: int) -> list[int]:
     return [int(x) for x in rng.integers(low, high + 1, size=count)]
 
 
-def simulate_raw(prompts: list[int], n: int, length: int, capacity: int, max_seqs: int) -> dict[str, Any]:
+def simulate_raw(prompts: list[int], n: int, length: int | list[int], capacity: int, max_seqs: int) -> dict[str, Any]:
     """vLLM's own scheduling of everything at once: FIFO start when the prompt fits, preempt the newest."""
-    waiting = [[p, 0] for p in prompts for _ in range(n)]  # [prompt tokens, generated] per sample
+    lengths = [length] * len(prompts) if isinstance(length, int) else length
+    waiting = [[p, 0, lengths[i]] for i, p in enumerate(prompts) for _ in range(n)]  # [prompt, generated, length]
     running: list[list[int]] = []
     steps = preemptions = redone = 0
     used = 0
@@ -79,7 +80,7 @@ def simulate_raw(prompts: list[int], n: int, length: int, capacity: int, max_seq
                 continue
             seq[1] += 1
             used += grown
-            if seq[1] >= length:
+            if seq[1] >= seq[2]:
                 running.remove(seq)
                 used -= blocks(seq[0] + seq[1])
     return {"steps": steps, "mean_batch": batch_sum / steps, "preemptions": preemptions, "tokens_redone": redone}
@@ -130,7 +131,11 @@ def simulate_hpcrollout(
     }
 
 
-def lower_bound(prompts: list[int], n: int, length: int, capacity: int) -> dict[str, Any]:
+def lower_bound(prompts: list[int], n: int, length: int | list[int], capacity: int) -> dict[str, Any]:
+    if not isinstance(length, int):  # per-prompt lengths: the longest sample, and the token-steps over the cache
+        work = n * sum(p * L + L * (L + 1) / 2 for p, L in zip(prompts, length))
+        parts = {"one sample": max(length), "work / cache": math.ceil(work / capacity)}
+        return {"steps": max(parts.values()), "parts": parts}
     samples = n * len(prompts)
     mean_prompt = sum(prompts) / len(prompts)
     work = n * sum(p * length + length * (length + 1) / 2 for p in prompts)  # token-steps of KV held
@@ -138,6 +143,13 @@ def lower_bound(prompts: list[int], n: int, length: int, capacity: int) -> dict[
     if work / capacity > length:
         parts["two-wave argument"] = math.ceil(min(2 * length, 2 * length + mean_prompt - 1 - capacity / samples))
     return {"steps": max(parts.values()), "parts": parts}
+
+
+def lognormal_lengths(count: int, seed: int, median: float, sigma: float, cap: int) -> list[int]:
+    """Per-prompt max_tokens as the throughput benchmark's ``variable`` workload draws them (same seed rule)."""
+    rng = np.random.default_rng(seed + 1)
+    draws = np.exp(rng.normal(np.log(median), sigma, size=count))
+    return [int(x) for x in np.clip(np.round(draws), 16, cap)]
 
 
 def main() -> int:
@@ -149,19 +161,29 @@ def main() -> int:
     parser.add_argument("--max_num_seqs", type=int, default=1024)
     parser.add_argument("--prompt_tokens", type=int, nargs=2, default=[50, 420], metavar=("LOW", "HIGH"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--median_tokens", type=float, default=None, help="per-prompt lengths: lognormal with this median, capped at max_tokens"
+    )
+    parser.add_argument("--sigma", type=float, default=1.0, help="the lognormal's sigma (tail weight)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     prompts = prompt_lengths(args.prompts, args.seed, *args.prompt_tokens)
-    shape = (prompts, args.n, args.max_tokens, args.capacity)
+    length: int | list[int] = args.max_tokens
+    if args.median_tokens:
+        length = lognormal_lengths(args.prompts, args.seed, args.median_tokens, args.sigma, args.max_tokens)
+    shape = (prompts, args.n, length, args.capacity)
     started = time.monotonic()
     ways = {
         "raw": simulate_raw(*shape, args.max_num_seqs),
-        "hpcrollout": simulate_hpcrollout(*shape, args.max_num_seqs, pacing=_AUTO_PACING),
+        "hpcrollout": simulate_hpcrollout(
+            *shape, args.max_num_seqs, pacing=_AUTO_PACING if isinstance(length, int) else None
+        ),  # pacing auto: on only for equal known lengths (vllm_engine)
         "hpcr:nopace": simulate_hpcrollout(*shape, args.max_num_seqs),
         "bound": lower_bound(*shape),
     }
+    tokens = f"{args.max_tokens}" if isinstance(length, int) else f"lognormal(median {args.median_tokens:g}, sigma {args.sigma:g}, cap {args.max_tokens})"
     print(
-        f"{args.prompts} prompts x n={args.n} x {args.max_tokens} tokens (ignore_eos), cache {args.capacity:,} tokens, "
+        f"{args.prompts} prompts x n={args.n} x {tokens} tokens (ignore_eos), cache {args.capacity:,} tokens, "
         f"max_num_seqs {args.max_num_seqs} ({time.monotonic() - started:.1f} s to simulate)"
     )
     for way, r in ways.items():
