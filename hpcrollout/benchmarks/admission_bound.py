@@ -21,6 +21,10 @@ are the same whatever the schedule: every token reads its whole context once).
 
     python -m hpcrollout.benchmarks.admission_bound                       # headline shape on an H200
     python -m hpcrollout.benchmarks.admission_bound --prompts 400 --capacity 850352 --max_tokens 1024
+    python -m hpcrollout.benchmarks.admission_bound --prompts 400 --max_tokens 4096 --median_tokens 384  # long tail
+
+With per-prompt lengths (``--median_tokens``: lognormal, as the throughput benchmark's ``variable`` workload
+draws them) the bound is the longest sample or the token-steps over the cache, whichever is larger.
 """
 
 from __future__ import annotations
