@@ -85,18 +85,25 @@ log = logging.getLogger("hpcrollout")
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
 
 
-def order_by_expected_work(manifest: dict[str, Any]) -> list[int]:
-    """Shard indices, longest expected work first (ties: input order), so the run's tail is short units."""
-    shards = manifest["shards"]
+def expected_work(manifest: dict[str, Any]) -> list[float]:
+    """Each shard's expected work, as the manifest records it (the sharder's estimate, else its rows)."""
 
-    def work(i: int) -> float:
-        entry = shards[i]
+    def work(entry: Any) -> float:
         for key in ("est_work", "est_tokens", "num_rows", "rows"):
             if isinstance(entry, dict) and key in entry:
-                return float(entry[key])
+                value = entry[key]
+                if isinstance(value, (list, tuple)) and len(value) == 2:  # rows as a [start, end) range
+                    return float(value[1] - value[0])
+                return float(value)
         return 0.0
 
-    return sorted(range(len(shards)), key=lambda i: (-work(i), i))
+    return [work(entry) for entry in manifest["shards"]]
+
+
+def order_by_expected_work(manifest: dict[str, Any]) -> list[int]:
+    """Shard indices, longest expected work first (ties: input order), so the run's tail is short units."""
+    work = expected_work(manifest)
+    return sorted(range(len(work)), key=lambda i: (-work[i], i))
 
 
 def tapered_unit_sizes(num_tasks: int, first: float = 0.25, last: float = 1 / 64) -> list[float]:

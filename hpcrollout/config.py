@@ -221,7 +221,12 @@ class ShardingConfig(_Section):
     """How the input is cut into shards (units of work)."""
 
     num_shards: int | None = Field(
-        None, ge=1, description="Default: one per task (static); dynamic: ~15 per task, shrinking toward the end."
+        None,
+        ge=1,
+        description=(
+            "Default: one per task (static; 4 per engine with executor.engines_per_task > 1); dynamic: ~15 per "
+            "engine, shrinking toward the end."
+        ),
     )
     max_prompts_per_shard: int = Field(
         20_000, ge=1, description="Caps the memory of finishing one shard (its outputs are compacted in memory)."

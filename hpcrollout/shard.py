@@ -270,11 +270,20 @@ def plan_shards(
     return ranges
 
 
+SHARDS_PER_ENGINE = 4  # static mode, several engines per task: each task's shards, per engine
+
+
 def default_num_shards(config: RunConfig) -> int:
+    """Static: one shard per task, or SHARDS_PER_ENGINE per engine when a task runs several (its engines share
+    its shards, so one shard would feed one engine); dynamic: 8 per engine (tapered: see claims.py)."""
     if config.sharding.num_shards:
         return config.sharding.num_shards
-    tasks = config.executor.num_tasks
-    return tasks if config.sharding.mode == "static" else 8 * tasks
+    from hpcrollout.executors.engine_group import expected_engines
+
+    tasks, engines = config.executor.num_tasks, expected_engines(config)
+    if config.sharding.mode == "static":
+        return tasks if engines == 1 else tasks * engines * SHARDS_PER_ENGINE
+    return 8 * tasks * engines
 
 
 def _write_shards(pf: InputFiles, rundir: RunDir, config: RunConfig, ranges: list[tuple[int, int]]) -> None:
@@ -402,7 +411,9 @@ def plan_input(config: RunConfig) -> tuple[InputFiles, np.ndarray, list[tuple[in
         from hpcrollout.claims import tapered_unit_sizes
 
         # Shrinking units (guided self-scheduling): claimed longest first, the run ends on small ones.
-        fractions = tapered_unit_sizes(config.executor.num_tasks)
+        from hpcrollout.executors.engine_group import expected_engines
+
+        fractions = tapered_unit_sizes(config.executor.num_tasks * expected_engines(config))  # one per claimant
     return pf, work, plan_shards(work, default_num_shards(config), config.sharding.max_prompts_per_shard, fractions)
 
 

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from hpcrollout.claims import expected_work
 from hpcrollout.config import RunConfig, exact_budgets
 from hpcrollout.engines import Engine, PromptRequest, PromptResult, create_engine, prompt_seed
 from hpcrollout.errors import HpcRolloutError
@@ -469,13 +470,28 @@ def _first_copy_per_row(table: pa.Table) -> pa.Table:
 
 
 class ShardSource:
-    """Which shard a task works on next: its static share, or claims in dynamic mode."""
+    """Which shard a task works on next: its static share, or claims in dynamic mode.
 
-    def __init__(self, rundir: RunDir, shards: list[int] | None = None, board: Any = None) -> None:
+    With claims, ``share`` is the fair share of expected work (the board's units over its claimants: the run's
+    engines in dynamic mode, the task's engines in static mode): while the engine still has work in flight it
+    claims more only while the units it holds are below that share, so on an input smaller than the engines'
+    read-ahead windows the first engine ready does not take every unit from siblings still starting. An engine
+    with nothing in flight always claims (the share bounds how far ahead it reads, not what it may do)."""
+
+    def __init__(
+        self, rundir: RunDir, shards: list[int] | None = None, board: Any = None, share: float | None = None
+    ) -> None:
         self.rundir, self.board = rundir, board
         self.queue = list(shards or [])
         self.exhausted = False
         self.claims: dict[int, tuple[Any, Any]] = {}  # shard -> (claim, lease keeper)
+        self.share = share
+        self.work = expected_work(rundir.manifest()) if share is not None else []
+        self.held_back = 0  # read-ahead claims not made because the share was held
+
+    def holding(self) -> float:
+        """Expected work of the units this engine holds (claimed and not yet released)."""
+        return sum(self.work[s] for s in self.claims if s < len(self.work))
 
     def next(self, block: bool) -> int | None:
         """The next shard, or None: nothing now (exhausted set: nothing ever). Blocks only when asked."""
@@ -484,6 +500,9 @@ class ShardSource:
         if self.board is None:
             self.exhausted = True
             return None
+        if not block and self.share is not None and self.claims and self.holding() >= self.share:
+            self.held_back += 1
+            return None  # its fair share is in the engine: the next unit waits for a sibling, or for this one
         claim = self.board.wait_for_claim() if block else self.board.claim_next()
         if claim is None:
             # while other shards are in the engine, a holder that merely may be dead is not waited for
@@ -664,14 +683,15 @@ def run_task(
     run_dir: str | Path, task_id: int, *, shards: list[int] | None = None, num_tasks: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_result: Callable[[PromptResult, EngineMeter], None] | None = None,
-    engine: int | None = None, claims_dir: Path | None = None,
+    engine: int | None = None, claims_dir: Path | None = None, engines: int | None = None,
 ) -> dict[str, Any]:
     """What one array task does: its shards (static) or claimed shards (dynamic), through one engine, or through
     executor.engines_per_task engine processes (executors/engine_group.py).
 
-    engine: this process is engine E of the task's engines; static mode, they share the task's shards through the
-    claims in claims_dir. The engine starts only once there is a shard to work on, so a task with nothing to do
-    frees its GPUs at once.
+    engine: this process is engine E of the task's ``engines`` engines; static mode, they share the task's shards
+    through the claims in claims_dir. The engine starts only once there is a shard to work on, so a task with
+    nothing to do frees its GPUs at once. With claims, each engine reads ahead at most its fair share of the
+    work (ShardSource).
     """
     rundir = RunDir(run_dir)
     config = rundir.load_config()
@@ -693,7 +713,12 @@ def run_task(
             rundir, owner, order=order, lease_s=config.sharding.lease_seconds,
             claims_dir=None if config.sharding.mode == "dynamic" else claims_dir,
         )
-        source = ShardSource(rundir, board=board)
+        dynamic = config.sharding.mode == "dynamic"
+        claimants = (engines or 1) * (rundir.manifest()["num_tasks"] if dynamic else 1)
+        work = expected_work(rundir.manifest())
+        total = sum(work[s] for s in board.order if s < len(work))
+        share = total / claimants if claimants > 1 and total > 0 else None
+        source = ShardSource(rundir, board=board, share=share)
         first = source.next(block=True)  # wait here, before any engine starts, for a unit to work on
         todo = [] if first is None else [first]
         source.queue = list(todo)  # the claim already held goes first
@@ -721,6 +746,8 @@ def run_task(
         timings["engine_close_s"] = time.monotonic() - closing
     finally:
         source.release_all()
+    if source.held_back:
+        log.info("task %d: read ahead no further than its fair share of the work %d time(s)", task_id, source.held_back)
     summary["shards"] = [r["shard"] for r in summary["results"]]
     return summary
 
@@ -731,6 +758,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", type=int, action="append", default=None, help="run these shards instead")
     parser.add_argument("--engine", type=int, default=None, help=argparse.SUPPRESS)  # one of a task's engines
     parser.add_argument("--claims", default=None, help=argparse.SUPPRESS)  # static: that task's engine claims
+    parser.add_argument("--engines", type=int, default=None, help=argparse.SUPPRESS)  # the task's engine count
 
 
 def main(args: argparse.Namespace) -> int:
@@ -742,7 +770,7 @@ def main(args: argparse.Namespace) -> int:
         should_stop = _engine_process_setup()
     summary = run_task(
         args.run_dir, task, shards=args.shard, engine=args.engine,
-        claims_dir=Path(args.claims) if args.claims else None, should_stop=should_stop,
+        claims_dir=Path(args.claims) if args.claims else None, engines=args.engines, should_stop=should_stop,
     )
     done = [r["shard"] for r in summary["results"] if r.get("state") == "done"]
     print(f"task {task}: {len(done)} shard(s) done: {done}", file=sys.stderr)

@@ -111,3 +111,65 @@ def test_engines_share_a_task_and_a_sigkilled_engine_loses_nothing(tmp_path, tin
     keys = sample_keys(merged)
     assert len(keys) == len(set(keys)) == N_PROMPTS * config.sampling.n  # every (uid, sample) once
     assert merged.equals(ref)  # same prompts, same seeds: equal to the uninterrupted run
+
+
+def test_default_shards_feed_every_engine_of_a_task(tmp_path, tiny_model):
+    """Without sharding.num_shards, a static task with K engines gets SHARDS_PER_ENGINE shards per engine (one
+    shard would feed one engine); auto counts slurm.gpus_per_task over each engine's GPUs; dynamic units are
+    tapered over every engine of the run."""
+    from hpcrollout.claims import tapered_unit_sizes
+    from hpcrollout.shard import SHARDS_PER_ENGINE, default_num_shards
+
+    inp = write_input(tmp_path / "in.parquet", make_prompts(N_PROMPTS))
+
+    def shards(**executor) -> int:
+        extra = executor.pop("config", {})
+        return default_num_shards(make_config(tmp_path, tiny_model, inp, executor=executor, **extra))
+
+    assert shards(num_tasks=3) == 3
+    assert shards(num_tasks=3, engines_per_task=2) == 3 * 2 * SHARDS_PER_ENGINE
+    slurm = {"slurm": {"gpus_per_task": 8}, "engine": {"tensor_parallel_size": 2}}
+    assert shards(type="slurm", num_tasks=2, engines_per_task="auto", config=slurm) == 2 * 4 * SHARDS_PER_ENGINE
+    one = {"slurm": {"gpus_per_task": 2}, "engine": {"tensor_parallel_size": 2}}
+    assert shards(type="slurm", num_tasks=2, engines_per_task="auto", config=one) == 2  # one engine a task
+    config = make_config(
+        tmp_path, tiny_model, inp, executor={"num_tasks": 2, "engines_per_task": 3}, sharding={"mode": "dynamic"}
+    )
+    assert default_num_shards(config) == 8 * 2 * 3
+    rundir = prepare_run(config)
+    assert rundir.num_shards() == min(N_PROMPTS, len(tapered_unit_sizes(6)))
+
+
+def test_an_engine_reads_ahead_no_further_than_its_fair_share(tmp_path, tiny_model):
+    """Two engines of one static task on its claim board, 8 equal shards: the first engine ready, asking for
+    more while its work is in flight, stops at half the task's work (its siblings' half stays claimable); with
+    nothing in flight it claims again, and the share never stops it from taking what no one else took."""
+    from hpcrollout.claims import ClaimBoard, expected_work
+    from hpcrollout.worker import ShardSource, task_shards
+
+    inp = write_input(tmp_path / "in.parquet", make_prompts(16))
+    config = make_config(tmp_path, tiny_model, inp, sharding={"num_shards": 8})
+    rundir = prepare_run(config)
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    total = sum(expected_work(rundir.manifest()))
+
+    def source(owner: str) -> ShardSource:
+        board = ClaimBoard(rundir, owner, order=task_shards(rundir, 0), claims_dir=claims)
+        return ShardSource(rundir, board=board, share=total / 2)
+
+    first, second = source("engine0"), source("engine1")
+    got = [first.next(block=True)]  # each engine's first unit, before its engine starts
+    got.append(second.next(block=True))
+    while (shard := first.next(block=False)) is not None:  # engine 0 is ready first and reads ahead
+        got.append(shard)
+    assert first.held_back == 1 and not first.exhausted
+    assert first.holding() >= total / 2 and len(first.claims) == 4  # 8 equal shards: its half
+    while (shard := second.next(block=False)) is not None:
+        got.append(shard)
+    assert sorted(got) == list(range(8)) and len(second.claims) == 4
+    for shard in list(first.claims):  # engine 0 finishes its units: nothing is left for it, nothing duplicated
+        first.release(shard)
+    assert first.next(block=False) is None and first.next(block=True) is None and first.exhausted
+    first.release_all()
+    second.release_all()

@@ -112,6 +112,19 @@ def engines_for_task(config: RunConfig, gpus: list[str]) -> int:
     return int(k)
 
 
+def expected_engines(config: RunConfig) -> int:
+    """executor.engines_per_task as the sharder can know it before any task runs: the number, or for auto the
+    GPUs a task will have (slurm.gpus_per_task; the local executor: this machine's) over each engine's GPUs."""
+    k = config.executor.engines_per_task
+    if k != "auto":
+        return int(k)
+    if config.executor.type == "slurm":
+        gpus = [str(i) for i in range(config.slurm.gpus_per_task)]
+    else:
+        gpus = task_gpu_ids()
+    return engines_for_task(config, gpus)
+
+
 def gpu_slices(gpus: list[str], k: int, per: int | None) -> list[list[str]]:
     """Each engine's GPUs: consecutive slices of per GPUs (per None: an equal share); [] each without GPUs."""
     if not gpus:
@@ -173,8 +186,9 @@ def read_engine_record(path: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def engine_command(run_dir: Path, task: int, engine: int, claims_dir: Path | None) -> list[str]:
+def engine_command(run_dir: Path, task: int, engine: int, claims_dir: Path | None, engines: int) -> list[str]:
     cmd = [sys.executable, "-m", "hpcrollout.worker", str(run_dir), "--task", str(task), "--engine", str(engine)]
+    cmd += ["--engines", str(engines)]
     return cmd + (["--claims", str(claims_dir)] if claims_dir is not None else [])
 
 
@@ -219,7 +233,7 @@ def run_engine_group(
             path = rundir.engine_log(task_id, e)
             logs[e] = open(path, "ab")  # noqa: SIM115 - closed in the finally below
             proc = subprocess.Popen(
-                engine_command(rundir.root, task_id, e, claims_dir), stdout=logs[e], stderr=subprocess.STDOUT, env=env
+                engine_command(rundir.root, task_id, e, claims_dir, k), stdout=logs[e], stderr=subprocess.STDOUT, env=env
             )
             procs[e] = proc
             record: EngineRecord = {
