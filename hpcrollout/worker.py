@@ -491,7 +491,8 @@ class ShardSource:
 
     def holding(self) -> float:
         """Expected work of the units this engine holds (claimed and not yet released)."""
-        return sum(self.work[s] for s in self.claims if s < len(self.work))
+        held = tuple(self.claims)  # one copy: the finishing thread releases units meanwhile
+        return sum(self.work[s] for s in held if s < len(self.work))
 
     def next(self, block: bool) -> int | None:
         """The next shard, or None: nothing now (exhausted set: nothing ever). Blocks only when asked."""
