@@ -61,21 +61,8 @@ node() { echo "hrn$1"; }
 netns() { echo "hrns$1"; }
 node_addr() { echo "$NET.$((10 + $1))"; }
 
-pid_alive() {  # pid_alive PIDFILE COMM
-  local pid
-  [ -s "$1" ] || return 1
-  pid=$(tr -dc '0-9' < "$1")
-  [ -n "$pid" ] && [ -r "/proc/$pid/stat" ] || return 1
-  [ "$(sed -E 's/^[0-9]+ \((.*)\) (.).*/\1 \2/' "/proc/$pid/stat")" != "$2 Z" ] &&
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
-}
-wait_for() {  # wait_for DESCRIPTION CMD...
-  local desc=$1; shift; local t=0
-  until "$@" >/dev/null 2>&1; do
-    t=$((t + 1)); [ $t -ge $((TIMEOUT * 4)) ] && die "timeout waiting for $desc"
-    sleep 0.25
-  done
-}
+# pid_alive PIDFILE COMM, wait_for DESCRIPTION CMD...
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 write_if_changed() {  # write_if_changed DEST < content ; 0 if the file changed
   local dest=$1 tmp
   tmp=$(mktemp)

@@ -72,23 +72,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # ---------------------------------------------------------------- helpers
-# pid_alive PIDFILE COMM  -> 0 if pidfile names a live process with that comm
-pid_alive() {
-  local pid
-  [ -s "$1" ] || return 1
-  pid=$(tr -dc '0-9' < "$1")
-  [ -n "$pid" ] && [ -r "/proc/$pid/stat" ] || return 1
-  # "(comm) state": must match the name and not be a zombie (some PID 1s never reap)
-  [ "$(sed -E 's/^[0-9]+ \((.*)\) (.).*/\1 \2/' "/proc/$pid/stat")" != "$2 Z" ] &&
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
-}
-wait_for() {  # wait_for DESCRIPTION CMD...
-  local desc=$1; shift; local t=0
-  until "$@" >/dev/null 2>&1; do
-    t=$((t + 1)); [ $t -ge $((TIMEOUT * 4)) ] && die "timeout waiting for $desc"
-    sleep 0.25
-  done
-}
+# pid_alive PIDFILE COMM, wait_for DESCRIPTION CMD...
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 mark_started() { mkdir -p "$RUNSTATE"; touch "$RUNSTATE/$1"; }
 
 # write_if_changed DEST MODE OWNER < content ; returns 0 if the file changed
