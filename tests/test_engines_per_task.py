@@ -173,3 +173,21 @@ def test_an_engine_reads_ahead_no_further_than_its_fair_share(tmp_path, tiny_mod
     assert first.next(block=False) is None and first.next(block=True) is None and first.exhausted
     first.release_all()
     second.release_all()
+
+
+def test_two_engines_both_work_on_the_default_shards(tmp_path, tiny_model, reference):
+    """The default config of a whole-node task (engines_per_task 2, no sharding.num_shards): both engines get
+    shards (one shard per task would have fed one engine), and the output is the one-engine run's."""
+    inp, ref = reference
+    config = make_config(tmp_path, tiny_model, inp, executor={"engines_per_task": 2})
+    rundir = prepare_run(config)
+    assert rundir.num_shards() == 2 * 4  # SHARDS_PER_ENGINE for each of the 2 engines
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}
+    done = subprocess.run([sys.executable, "-m", "hpcrollout.worker", str(rundir.root), "--task", "0"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert rundir.done_shards() == set(range(8))
+    markers = [json.loads(rundir.done_marker(s).read_text()) for s in range(8)]
+    assert {m["engine_index"] for m in markers} == {0, 1}  # each engine finished shards of its own
+    merge_run(rundir.root, tmp_path / "out.parquet")
+    assert pq.read_table(tmp_path / "out.parquet").equals(ref)
