@@ -317,6 +317,13 @@ def row_image_tokens(cell: Any, image_cell: Any, column: str | None, base: Path,
     """Estimated image tokens of one row (see ImageTokens); 0 for a text-only row. Never raises."""
     from hpcrollout.prompts import _as_mapping
 
+    if isinstance(cell, bytes):
+        cell = cell.decode("utf-8", errors="replace")
+    if isinstance(cell, str) and cell.lstrip().startswith("[{"):  # a message list as JSON (CSV round trips)
+        try:
+            cell = json.loads(cell)
+        except ValueError:
+            return 0
     if hasattr(cell, "tolist"):
         cell = cell.tolist()
     if not isinstance(cell, (list, tuple)):

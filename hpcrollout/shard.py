@@ -184,6 +184,9 @@ def _hash64(values: list[Any]) -> np.ndarray:
     )
 
 
+IMAGE_PART_PATTERN = r'"type"\s*:\s*"image'  # an image part in a prompt stored as a JSON string
+
+
 def scan_input(pf: InputFiles, path: Path, config: RunConfig) -> np.ndarray:
     """Pass 1: estimated work per row (prompt tokens + n x max_tokens); checks the id column (non-null, unique)."""
     data, sp = config.data, config.sampling
@@ -193,22 +196,30 @@ def scan_input(pf: InputFiles, path: Path, config: RunConfig) -> np.ndarray:
     work = np.empty(pf.num_rows, dtype=np.float32)
     hashes = []
     offset = 0
-    # image parts: their tokens, estimated from each image's size (hpcrollout/images.py, ImageTokens)
-    images = data.image_column is not None or "image" in str(pf.schema_arrow.field(data.prompt_column).type)
+    # image parts: their tokens, estimated from each image's size (hpcrollout/images.py, ImageTokens); in string
+    # prompts (JSON message lists) only the rows whose text names an image part are parsed
+    prompt_type = pf.schema_arrow.field(data.prompt_column).type
+    images = data.image_column is not None or "image" in str(prompt_type)
+    strings = pa.types.is_string(prompt_type) or pa.types.is_large_string(prompt_type)
     count = ImageTokens(config.model.path) if images else None
     base = image_base(config)
     for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=cols):
-        chars = _prompt_chars(batch.column(data.prompt_column))
-        if count is not None:
+        prompts = batch.column(data.prompt_column)
+        chars = _prompt_chars(prompts)
+        rows = None  # which rows may hold image parts (None: all of them)
+        if strings:
+            named = pc.fill_null(pc.match_substring_regex(prompts, IMAGE_PART_PATTERN), False)
+            rows = np.flatnonzero(named.to_numpy(zero_copy_only=False))
+            if count is None and len(rows):
+                count = ImageTokens(config.model.path)
+        if count is not None and (rows is None or len(rows)):
             column = data.image_column
             pictures = batch.column(column).to_pylist() if column else [None] * len(chars)
-            chars = chars + CHARS_PER_TOKEN * np.array(
-                [
-                    row_image_tokens(c, p, column, base, count)
-                    for c, p in zip(batch.column(data.prompt_column).to_pylist(), pictures)
-                ],
-                dtype=np.float64,
-            )
+            cells = prompts.to_pylist()
+            extra = np.zeros(len(chars), dtype=np.float64)
+            for i in range(len(chars)) if rows is None else rows:
+                extra[i] = row_image_tokens(cells[i], pictures[i], column, base, count)
+            chars = chars + CHARS_PER_TOKEN * extra
         budget: np.ndarray | float = sp.max_tokens
         if data.max_tokens_column:
             budget = pc.fill_null(batch.column(data.max_tokens_column), sp.max_tokens).to_numpy(zero_copy_only=False)

@@ -218,6 +218,22 @@ def test_the_work_estimate_counts_image_tokens(tmp_path, tiny_vlm):
     assert np.allclose(work[:3] - work[3], [16, 32, 16])  # (56 / 14)^2 tokens an image
 
 
+def test_the_work_estimate_counts_images_in_json_string_prompts(tmp_path, tiny_vlm):
+    """Prompts stored as JSON strings (what CSV round trips produce): the rows naming an image part are parsed
+    and their images counted, 16 tokens each; a missing image counts nothing (its row fails at generation)."""
+    (tmp_path / "red.png").write_bytes(png((200, 10, 10)))
+
+    def prompt(u: str) -> str:
+        return json.dumps([{"role": "user", "content": [url(u), {"type": "text", "text": QUESTION}]}])
+
+    inp = tmp_path / "in.parquet"
+    rows = [prompt("red.png"), prompt("nop.png"), json.dumps([{"role": "user", "content": QUESTION}])]
+    pq.write_table(pa.table({"prompt": rows}), inp)
+    config = make_config(tmp_path, tiny_vlm, inp, data={"input": str(inp)})
+    work = scan_input(open_input(inp), inp, config)
+    assert len(rows[0]) == len(rows[1]) and work[0] - work[1] == pytest.approx(16)
+
+
 def test_image_tokens_follow_the_qwen2_vl_resize_rule(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(
         json.dumps({"patch_size": 14, "merge_size": 2, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 100})
