@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from hpcrollout.claims import expected_work
 from hpcrollout.config import RunConfig, exact_budgets
-from hpcrollout.engines import Engine, PromptRequest, PromptResult, create_engine, prompt_seed
+from hpcrollout.engines import NOTHING_NOW, Engine, PromptRequest, PromptResult, create_engine, prompt_seed
 from hpcrollout.errors import HpcRolloutError
 from hpcrollout.executors.engine_group import engine_identity
 from hpcrollout.images import BadImage, image_base, prompt_images
@@ -476,7 +476,8 @@ class ShardSource:
     engines in dynamic mode, the task's engines in static mode): while the engine still has work in flight it
     claims more only while the units it holds are below that share, so on an input smaller than the engines'
     read-ahead windows the first engine ready does not take every unit from siblings still starting. An engine
-    with nothing in flight always claims (the share bounds how far ahead it reads, not what it may do)."""
+    with nothing in flight always claims (the share bounds how far ahead it reads, not what it may do). Held at
+    its share, the engine's backlog says NOTHING_NOW and it asks again after a step: it never drains for it."""
 
     def __init__(
         self, rundir: RunDir, shards: list[int] | None = None, board: Any = None, share: float | None = None
@@ -488,6 +489,7 @@ class ShardSource:
         self.share = share
         self.work = expected_work(rundir.manifest()) if share is not None else []
         self.held_back = 0  # read-ahead claims not made because the share was held
+        self.at_share = False  # the last None of next(): the share was held (more may come once units finish)
 
     def holding(self) -> float:
         """Expected work of the units this engine holds (claimed and not yet released)."""
@@ -496,6 +498,7 @@ class ShardSource:
 
     def next(self, block: bool) -> int | None:
         """The next shard, or None: nothing now (exhausted set: nothing ever). Blocks only when asked."""
+        self.at_share = False
         if self.queue:
             return self.queue.pop(0)
         if self.board is None:
@@ -503,6 +506,7 @@ class ShardSource:
             return None
         if not block and self.share is not None and self.claims and self.holding() >= self.share:
             self.held_back += 1
+            self.at_share = True
             return None  # its fair share is in the engine: the next unit waits for a sibling, or for this one
         claim = self.board.wait_for_claim() if block else self.board.claim_next()
         if claim is None:
@@ -576,6 +580,9 @@ class TaskRunner:
         while True:
             run = self._open_next(block=not any(not r.complete() for r in self.runs.values()))
             if run is None:
+                if self.source.at_share:  # work in flight fills the share: ask again after a step, no drain
+                    yield NOTHING_NOW
+                    continue
                 return
             yield from run.requests(run.skip)
             run.submitted = True
@@ -748,7 +755,8 @@ def run_task(
     finally:
         source.release_all()
     if source.held_back:
-        log.info("task %d: read ahead no further than its fair share of the work %d time(s)", task_id, source.held_back)
+        log.info("task %d: its read-ahead waited at its fair share of the work %d time(s) (once a step while held)",
+                 task_id, source.held_back)
     summary["shards"] = [r["shard"] for r in summary["results"]]
     return summary
 

@@ -691,6 +691,28 @@ def test_the_step_model_takes_per_prompt_lengths_and_never_overflows_with_them()
     assert 0 < raw["tokens_redone"] < 0.25 * generated
 
 
+def test_nothing_now_pauses_the_read_ahead_until_the_next_step(fake_vllm):
+    """The backlog's NOTHING_NOW (the worker at its fair share of the work): the engine stops reading, steps what
+    it holds, and reads again after the step; every request once, nothing aborted."""
+    from hpcrollout.engines import NOTHING_NOW
+
+    engine, fake = make_engine(1.0, capacity=100_000, n=2, max_tokens=20)
+    reqs = requests([20] * 6)
+    steps_at: list[int] = []
+
+    def backlog():
+        yield from reqs[:3]
+        steps_at.append(fake.steps)
+        yield NOTHING_NOW
+        steps_at.append(fake.steps)  # asked again only after an engine step
+        yield from reqs[3:]
+
+    got = list(engine.generate(backlog()))
+    assert sorted(r.row for r in got) == list(range(6)) and all(r.error is None for r in got)
+    assert steps_at[1] > steps_at[0]
+    assert all([s.num_tokens for s in r.samples] == [20, 20] for r in got)
+
+
 def test_auto_pacing_stays_off_for_unequal_or_unknown_lengths_and_for_one_wave(fake_vllm):
     engine, _ = make_engine(1.0, capacity=8000, n=4, max_tokens=400, max_num_seqs=1024)
     list(engine.generate(requests([50, 400, 120, 300] * 10)))  # a mix: the greedy rule staggers by itself

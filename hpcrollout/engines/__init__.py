@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample, prompt_seed
+from hpcrollout.engines.base import NOTHING_NOW, Engine, PromptRequest, PromptResult, Sample, prompt_seed
 from hpcrollout.errors import HpcRolloutError
 
 if TYPE_CHECKING:
     from hpcrollout.config import RunConfig
 
 __all__ = [
+    "NOTHING_NOW",
     "Engine",
     "PromptRequest",
     "PromptResult",

@@ -4,6 +4,10 @@ Measured on an H100 with vLLM 0.26, a worker that generated chunk by chunk with 
 ran at 48% of one-shot throughput, while pulling finished requests out of the engine as they complete cost
 nothing. So an engine takes the whole backlog at once (an iterable) and yields results in completion order;
 the worker checkpoints from that stream without ever draining the engine.
+
+The backlog may also yield ``NOTHING_NOW``: no request for now, more may come. An engine that reads ahead stops
+reading until its next step, and goes on generating what it holds; one that does not read ahead skips it. The
+worker yields it only while some of the engine's requests are unfinished, so it never makes an idle engine spin.
 """
 
 from __future__ import annotations
@@ -26,6 +30,16 @@ def prompt_seed(run_seed: int, uid: str) -> int:
     """The base seed of one prompt; sample i uses ``prompt_seed + i``. Stable across runs and resumes."""
     digest = hashlib.blake2b(f"{run_seed}\0{uid}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % _SEED_SPACE
+
+
+class _NothingNow:
+    """The backlog's "no request for now, ask again after a step" (see the module docstring)."""
+
+    def __repr__(self) -> str:
+        return "NOTHING_NOW"
+
+
+NOTHING_NOW: Any = _NothingNow()
 
 
 @dataclass(frozen=True)

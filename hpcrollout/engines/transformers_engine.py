@@ -16,7 +16,7 @@ from typing import Any
 
 from hpcrollout.config import get_dotted
 from hpcrollout.engines import cpu_threads, tensor_parallel_size
-from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
+from hpcrollout.engines.base import NOTHING_NOW, Engine, PromptRequest, PromptResult, Sample
 from hpcrollout.engines.render import PromptRenderer
 from hpcrollout.errors import HpcRolloutError
 
@@ -113,6 +113,8 @@ class TransformersEngine(Engine):
 
     def generate(self, requests: Iterable[PromptRequest]) -> Iterator[PromptResult]:
         for request in requests:
+            if request is NOTHING_NOW:  # nothing to read ahead: this engine holds no request between pulls
+                continue
             vision: dict[str, Any] = {}
             if request.images:  # chat template, then the processor: image tokens expanded, pixel inputs
                 ids, vision = self._encode_images(request)

@@ -46,7 +46,7 @@ from typing import Any
 from hpcrollout import raycluster
 from hpcrollout.engines import tensor_parallel_size
 from hpcrollout.engines.admission import Admission
-from hpcrollout.engines.base import Engine, PromptRequest, PromptResult, Sample
+from hpcrollout.engines.base import NOTHING_NOW, Engine, PromptRequest, PromptResult, Sample
 from hpcrollout.engines.render import PromptRenderer
 from hpcrollout.engines.vllm_compat import MISSING, lookup, missing, structured_outputs_params, vllm_api
 from hpcrollout.errors import HpcRolloutError
@@ -565,10 +565,19 @@ class VllmEngine(Engine):
         size = max(1, min(_TOKENIZE_BATCH, self.window))
         try:
             while True:
-                # Read ahead up to the window ...
-                while not exhausted and pool.waiting + len(inflight) + size <= self.window:
-                    batch = list(itertools.islice(source, size))
-                    exhausted = len(batch) < size
+                # Read ahead up to the window (until the backlog says NOTHING_NOW: then again after a step) ...
+                paused = False
+                while not exhausted and not paused and pool.waiting + len(inflight) + size <= self.window:
+                    batch: list[PromptRequest] = []
+                    for request in source:
+                        if request is NOTHING_NOW:
+                            paused = True
+                            break
+                        batch.append(request)
+                        if len(batch) == size:
+                            break
+                    else:
+                        exhausted = True
                     self._read_ahead(batch, pool, failed)
                 pool.input_done = exhausted
                 # ... and submit what the projected KV peak has room for (at most a window in flight).
