@@ -118,11 +118,8 @@ def expected_engines(config: RunConfig) -> int:
     k = config.executor.engines_per_task
     if k != "auto":
         return int(k)
-    if config.executor.type == "slurm":
-        gpus = [str(i) for i in range(config.slurm.gpus_per_task)]
-    else:
-        gpus = task_gpu_ids()
-    return engines_for_task(config, gpus)
+    slurm = config.executor.type == "slurm"
+    return engines_for_task(config, [str(i) for i in range(config.slurm.gpus_per_task)] if slurm else task_gpu_ids())
 
 
 def gpu_slices(gpus: list[str], k: int, per: int | None) -> list[list[str]]:
