@@ -73,3 +73,11 @@ def same_process_alive(
 def this_process() -> dict[str, int | str | None]:
     """host, pid, start time and pid namespace of the calling process, to record."""
     return {"host": HOST, "pid": os.getpid(), "pid_start": process_start(os.getpid()), "pid_ns": PID_NAMESPACE}
+
+
+def slurm_job_id() -> str | None:
+    """The SLURM job of the calling process, as sacct names it: ARRAYJOB_TASK for an array task, else the job id."""
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and array_task:
+        return f"{array_job}_{array_task}"
+    return os.environ.get("SLURM_JOB_ID")

@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from hpcrollout.errors import HpcRolloutError
-from hpcrollout.rundir import RunDir, read_json, write_json_atomic
+from hpcrollout.rundir import RunDir, write_json_atomic
+from hpcrollout.rundir import read_record as read_rundir_record
 
 if TYPE_CHECKING:
     from hpcrollout.config import RunConfig
@@ -240,11 +241,7 @@ def _write_record(ray_dir: Path, record: ClusterRecord) -> None:
 
 def read_record(run_dir: RunDir, task: int) -> ClusterRecord | None:
     """The task's cluster record, or None if it never had one (or it is unreadable)."""
-    try:
-        record = read_json(run_dir.ray_dir(task) / RECORD_NAME)
-    except (FileNotFoundError, HpcRolloutError):
-        return None
-    return record if isinstance(record, dict) else None  # type: ignore[return-value]
+    return read_rundir_record(run_dir.ray_dir(task) / RECORD_NAME) or None  # type: ignore[return-value]
 
 
 def _gcs_up(host: str, port: int) -> bool:

@@ -132,6 +132,16 @@ def read_json(path: str | Path, next_step: str = "delete it to redo that step") 
         raise HpcRolloutError(f"{path} is unreadable or not valid JSON ({exc}); {next_step}") from None
 
 
+def read_record(path: str | Path) -> dict[str, Any]:
+    """A JSON object of the run directory (a task, engine or cluster record), or {} if it is absent, unreadable
+    or not an object: for records that a process writes as it goes and another reads whenever it likes."""
+    try:
+        record = read_json(path)
+    except (FileNotFoundError, HpcRolloutError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _manifest_problem(m: Any) -> str | None:
     """Why this is not a manifest prepare_run writes, or None."""
     if not isinstance(m, dict):

@@ -284,14 +284,16 @@ def plan_shards(
 SHARDS_PER_ENGINE = 4  # static mode, several engines per task: each task's shards, per engine
 
 
-def default_num_shards(config: RunConfig) -> int:
+def default_num_shards(config: RunConfig, engines: int | None = None) -> int:
     """Static: one shard per task, or SHARDS_PER_ENGINE per engine when a task runs several (its engines share
-    its shards, so one shard would feed one engine); dynamic: 8 per engine (tapered: see claims.py)."""
+    its shards, so one shard would feed one engine); dynamic: 8 per engine (tapered: see claims.py). ``engines``:
+    a task's engines, if the caller already knows (engine_group.expected_engines)."""
     if config.sharding.num_shards:
         return config.sharding.num_shards
     from hpcrollout.executors.engine_group import expected_engines
 
-    tasks, engines = config.executor.num_tasks, expected_engines(config)
+    tasks = config.executor.num_tasks
+    engines = engines or expected_engines(config)
     if config.sharding.mode == "static":
         return tasks if engines == 1 else tasks * engines * SHARDS_PER_ENGINE
     return 8 * tasks * engines
@@ -418,14 +420,17 @@ def plan_input(config: RunConfig) -> tuple[InputFiles, np.ndarray, list[tuple[in
         raise HpcRolloutError(f"input {input_path} has no rows")
     work = scan_input(pf, input_path, config)
     fractions = None
+    engines = None
     if config.sharding.mode == "dynamic" and not config.sharding.num_shards:
         from hpcrollout.claims import tapered_unit_sizes
-
-        # Shrinking units (guided self-scheduling): claimed longest first, the run ends on small ones.
         from hpcrollout.executors.engine_group import expected_engines
 
-        fractions = tapered_unit_sizes(config.executor.num_tasks * expected_engines(config))  # one per claimant
-    return pf, work, plan_shards(work, default_num_shards(config), config.sharding.max_prompts_per_shard, fractions)
+        # Shrinking units (guided self-scheduling), one series for every engine of the run: claimed longest
+        # first, the run ends on small ones.
+        engines = expected_engines(config)
+        fractions = tapered_unit_sizes(config.executor.num_tasks * engines)
+    num_shards = default_num_shards(config, engines)
+    return pf, work, plan_shards(work, num_shards, config.sharding.max_prompts_per_shard, fractions)
 
 
 def prepare_run(config: RunConfig, *, force: bool = False, busy: bool = False) -> RunDir:

@@ -199,36 +199,49 @@ VLM_CHAT_TEMPLATE = (
 )
 
 
+def _vlm_tokenizer(out: Path, special: list[str], template: str) -> tuple[Any, int, int]:
+    """The tiny tokenizer plus a VLM's special tokens and chat template, saved in ``out``; (tokenizer, pad, eos)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out, vocab_size=1024)
+    tokenizer.add_special_tokens({"additional_special_tokens": special})
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(out))
+    return tokenizer, tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def _vlm_decoder(tokenizer: Any, pad: int, eos: int, **extra: Any) -> dict[str, Any]:
+    """The decoder of the tiny VLMs: the "small" shape (head_dim 64, as vLLM's kernels want), 4096 positions."""
+    return dict(
+        SHAPES["small"],
+        max_position_embeddings=4096,
+        vocab_size=len(tokenizer),
+        bos_token_id=pad,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        tie_word_embeddings=True,
+        **extra,
+    )
+
+
+def _save_vlm(model_class: Any, config: Any, out: Path, seed: int, pad: int, eos: int) -> None:
+    """Random weights from ``seed`` and the generation config, into ``out``."""
+    import torch
+
+    torch.manual_seed(seed)
+    model_class(config).save_pretrained(str(out))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "bos_token_id": pad}) + "\n")
+
+
 def build_tiny_vlm(out_dir: str | Path, image_size: int = 56, patch_size: int = 14, seed: int = 0) -> Path:
     """A random-weight LLaVA model (CLIP vision tower, Llama decoder, head_dim 64 in both as vLLM's kernels want)
     with a LlavaProcessor (CLIP image processor, the ChatML tokenizer plus ``<image>``): each image becomes
     (image_size / patch_size)^2 = 16 prompt tokens. About 8 MB; loadable by transformers and vLLM."""
-    import torch
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out, vocab_size=1024)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tokenizer.chat_template = VLM_CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(out))
-    pad, eos = tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tokenizer, pad, eos = _vlm_tokenizer(out, ["<image>"], VLM_CHAT_TEMPLATE)
     config = LlavaConfig(
-        text_config=dict(
-            model_type="llama",
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=64,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=4096,
-            bos_token_id=pad,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            tie_word_embeddings=True,
-        ),
+        text_config=_vlm_decoder(tokenizer, pad, eos, model_type="llama"),
         vision_config=dict(
             model_type="clip_vision_model",
             hidden_size=128,
@@ -245,9 +258,7 @@ def build_tiny_vlm(out_dir: str | Path, image_size: int = 56, patch_size: int = 
         projector_hidden_act="gelu",
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    LlavaForConditionalGeneration(config).save_pretrained(str(out))
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "bos_token_id": pad}) + "\n")
+    _save_vlm(LlavaForConditionalGeneration, config, out, seed, pad, eos)
     images = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
@@ -275,7 +286,6 @@ def build_tiny_qwen2_vl(out_dir: str | Path, patch_size: int = 14, seed: int = 0
     (W' / 28) x (H' / 28) prompt tokens, W' and H' its size rounded to multiples of 28 within [min_pixels,
     max_pixels] (``images.ImageTokens`` computes the same). About 8 MB; loadable by transformers and vLLM,
     the architecture vLLM loads without the Pixtral classes that newer transformers releases dropped."""
-    import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
     try:  # the torchvision-backed processor where torchvision is installed, the PIL one otherwise
@@ -284,27 +294,9 @@ def build_tiny_qwen2_vl(out_dir: str | Path, patch_size: int = 14, seed: int = 0
         from transformers import Qwen2VLImageProcessor as ImageProcessor
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out, vocab_size=1024)
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN2_VL_TOKENS})
-    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(out))
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ["<|endoftext|>", "<|im_end|>", *QWEN2_VL_TOKENS]}
-    pad, eos = ids["<|endoftext|>"], ids["<|im_end|>"]
-    text = dict(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        bos_token_id=pad,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        tie_word_embeddings=True,
-    )
+    tokenizer, pad, eos = _vlm_tokenizer(out, QWEN2_VL_TOKENS, QWEN2_VL_CHAT_TEMPLATE)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_TOKENS}
+    text = _vlm_decoder(tokenizer, pad, eos, rms_norm_eps=1e-6)
     # head_dim 64 = hidden 256 / 4 heads; M-RoPE splits its 32 rotary frequencies over time, height, width
     rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]}
     config = Qwen2VLConfig(
@@ -326,9 +318,7 @@ def build_tiny_qwen2_vl(out_dir: str | Path, patch_size: int = 14, seed: int = 0
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(str(out))
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "bos_token_id": pad}) + "\n")
+    _save_vlm(Qwen2VLForConditionalGeneration, config, out, seed, pad, eos)
     side = 2 * patch_size
     images = ImageProcessor(
         patch_size=patch_size, merge_size=2, temporal_patch_size=2, min_pixels=4 * side * side, max_pixels=64 * side * side

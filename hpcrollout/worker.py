@@ -472,22 +472,22 @@ def _first_copy_per_row(table: pa.Table) -> pa.Table:
 class ShardSource:
     """Which shard a task works on next: its static share, or claims in dynamic mode.
 
-    With claims, ``share`` is the fair share of expected work (the board's units over its claimants: the run's
-    engines in dynamic mode, the task's engines in static mode): while the engine still has work in flight it
+    With claims and several ``claimants`` (the run's engines in dynamic mode, the task's engines in static mode),
+    ``share`` is the fair share of expected work, the board's units over its claimants: while the engine still
+    has work in flight it
     claims more only while the units it holds are below that share, so on an input smaller than the engines'
     read-ahead windows the first engine ready does not take every unit from siblings still starting. An engine
     with nothing in flight always claims (the share bounds how far ahead it reads, not what it may do). Held at
     its share, the engine's backlog says NOTHING_NOW and it asks again after a step: it never drains for it."""
 
-    def __init__(
-        self, rundir: RunDir, shards: list[int] | None = None, board: Any = None, share: float | None = None
-    ) -> None:
+    def __init__(self, rundir: RunDir, shards: list[int] | None = None, board: Any = None, claimants: int = 1) -> None:
         self.rundir, self.board = rundir, board
         self.queue = list(shards or [])
         self.exhausted = False
         self.claims: dict[int, tuple[Any, Any]] = {}  # shard -> (claim, lease keeper)
-        self.share = share
-        self.work = expected_work(rundir.manifest()) if share is not None else []
+        self.work = expected_work(rundir.manifest()) if board is not None and claimants > 1 else []
+        total = sum(self.work[s] for s in board.order if s < len(self.work)) if self.work else 0.0
+        self.share = total / claimants if total > 0 else None
         self.held_back = 0  # read-ahead claims not made because the share was held
         self.at_share = False  # the last None of next(): the share was held (more may come once units finish)
 
@@ -721,12 +721,8 @@ def run_task(
             rundir, owner, order=order, lease_s=config.sharding.lease_seconds,
             claims_dir=None if config.sharding.mode == "dynamic" else claims_dir,
         )
-        dynamic = config.sharding.mode == "dynamic"
-        claimants = (engines or 1) * (rundir.manifest()["num_tasks"] if dynamic else 1)
-        work = expected_work(rundir.manifest())
-        total = sum(work[s] for s in board.order if s < len(work))
-        share = total / claimants if claimants > 1 and total > 0 else None
-        source = ShardSource(rundir, board=board, share=share)
+        claimants = (engines or 1) * (rundir.manifest()["num_tasks"] if config.sharding.mode == "dynamic" else 1)
+        source = ShardSource(rundir, board=board, claimants=claimants)
         first = source.next(block=True)  # wait here, before any engine starts, for a unit to work on
         todo = [] if first is None else [first]
         source.queue = list(todo)  # the claim already held goes first

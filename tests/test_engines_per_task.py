@@ -156,7 +156,7 @@ def test_an_engine_reads_ahead_no_further_than_its_fair_share(tmp_path, tiny_mod
 
     def source(owner: str) -> ShardSource:
         board = ClaimBoard(rundir, owner, order=task_shards(rundir, 0), claims_dir=claims)
-        return ShardSource(rundir, board=board, share=total / 2)
+        return ShardSource(rundir, board=board, claimants=2)  # its share: total / 2
 
     first, second = source("engine0"), source("engine1")
     got = [first.next(block=True)]  # each engine's first unit, before its engine starts

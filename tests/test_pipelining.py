@@ -25,15 +25,23 @@ class WindowEngine(Engine):
     def __init__(self, config, window: int, events: list) -> None:
         super().__init__(config)
         self.window, self.events = window, events
+        self.calls = self.pauses = 0
 
     def generate(self, requests: Iterable[PromptRequest]) -> Iterator[PromptResult]:
-        source, inflight = iter(requests), []
+        # NOTHING_NOW stops reading ahead until the next step (one finished prompt), as the vLLM backend does
+        self.calls += 1
+        source, inflight, req = iter(requests), [], None
         while True:
             while len(inflight) < self.window and (req := next(source, None)) is not None:
+                if req is NOTHING_NOW:
+                    self.pauses += 1
+                    break
                 self.events.append(("pull", req.row))
                 inflight.append(req)
             if not inflight:
-                return
+                if req is None:
+                    return
+                continue
             req = inflight.pop(0)
             self.events.append(("done", req.row))
             samples = [Sample(text=f"r{req.row}-{i}", num_tokens=1, finish_reason="stop", seed=req.seed + i) for i in range(3)]
@@ -93,49 +101,18 @@ def test_finished_prompts_are_committed_on_time_while_no_other_prompt_finishes(t
     assert engine.committed_while_stepping  # the first prompt's commit did not wait for the second result
 
 
-class ShareEngine(WindowEngine):
-    """WindowEngine that counts its generate() calls and stops reading ahead at NOTHING_NOW until its next step
-    (one finished prompt), as the vLLM backend does."""
-
-    name = "share"
-
-    def __init__(self, config, window: int, events: list) -> None:
-        super().__init__(config, window, events)
-        self.calls = self.pauses = 0
-
-    def generate(self, requests: Iterable[PromptRequest]) -> Iterator[PromptResult]:
-        self.calls += 1
-        source, inflight = iter(requests), []
-        while True:
-            while len(inflight) < self.window and (req := next(source, None)) is not None:
-                if req is NOTHING_NOW:
-                    self.pauses += 1
-                    break
-                self.events.append(("pull", req.row))
-                inflight.append(req)
-            if not inflight:
-                if req is None:
-                    return
-                continue
-            req = inflight.pop(0)
-            self.events.append(("done", req.row))
-            samples = [Sample(text=f"r{req.row}-{i}", num_tokens=1, finish_reason="stop", seed=req.seed + i) for i in range(3)]
-            yield PromptResult(uid=req.uid, row=req.row, samples=samples, prompt_tokens=1)
-
-
 def test_at_its_fair_share_the_engine_pauses_its_read_ahead_without_draining(tmp_path, tiny_model):
     """Claimed units and a fair share of two units' work (ShardSource.share): the engine's backlog says
     NOTHING_NOW while two units are in flight, the engine goes on generating, and the next unit comes once one
     finishes, all in one generate() call (no drain between units), each prompt once."""
-    from hpcrollout.claims import ClaimBoard, expected_work
+    from hpcrollout.claims import ClaimBoard
 
     inp = write_input(tmp_path / "in.parquet", make_prompts(20))
     config = make_config(tmp_path, tiny_model, inp, sharding={"num_shards": 4, "mode": "dynamic"})
     rundir = prepare_run(config)
-    work = expected_work(rundir.manifest())
-    source = ShardSource(rundir, board=ClaimBoard(rundir, "engine0"), share=2 * max(work) * 0.99)
+    source = ShardSource(rundir, board=ClaimBoard(rundir, "engine0"), claimants=2)  # a share of 2 units
     events: list = []
-    engine = ShareEngine(config, 100, events)
+    engine = WindowEngine(config, 100, events)
     results = TaskRunner(rundir, config, engine, source).run()
     assert sorted(r["shard"] for r in results) == [0, 1, 2, 3] and all(r["state"] == "done" for r in results)
     assert engine.calls == 1 and engine.pauses >= 1 and source.held_back >= 1

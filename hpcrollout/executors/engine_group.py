@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from hpcrollout.engines import ENGINE_THREADS_VAR, visible_gpu_ids
 from hpcrollout.errors import HpcRolloutError
-from hpcrollout.procs import HOST, process_start
-from hpcrollout.rundir import RunDir, read_json, write_json_atomic
+from hpcrollout.procs import HOST, process_start, slurm_job_id
+from hpcrollout.rundir import RunDir, read_record, write_json_atomic
 
 if TYPE_CHECKING:
     from hpcrollout.config import RunConfig
@@ -176,24 +176,13 @@ def engine_identity() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- records
 def read_engine_record(path: Path) -> dict[str, Any]:
     """An engine record, or {} (absent or unreadable)."""
-    try:
-        record = read_json(path)
-    except (FileNotFoundError, HpcRolloutError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    return read_record(path)
 
 
 def engine_command(run_dir: Path, task: int, engine: int, claims_dir: Path | None, engines: int) -> list[str]:
     cmd = [sys.executable, "-m", "hpcrollout.worker", str(run_dir), "--task", str(task), "--engine", str(engine)]
     cmd += ["--engines", str(engines)]
     return cmd + (["--claims", str(claims_dir)] if claims_dir is not None else [])
-
-
-def _slurm_job_id() -> str | None:
-    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and array_task:
-        return f"{array_job}_{array_task}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 # ---------------------------------------------------------------------------------------------- the group
@@ -236,7 +225,7 @@ def run_engine_group(
             record: EngineRecord = {
                 "task": task_id, "engine": e, "engines": k, "host": HOST, "pid": proc.pid,
                 "pid_start": process_start(proc.pid), "gpus": slices[e], "threads": threads, "cpus": cpu_lists[e],
-                "log": str(path), "job_id": _slurm_job_id(), "started": time.time(), "state": "running",
+                "log": str(path), "job_id": slurm_job_id(), "started": time.time(), "state": "running",
             }
             write_json_atomic(rundir.engine_record(task_id, e), record)
             log.info("task %d: engine %d started (pid %d, GPUs %s, log %s)", task_id, e, proc.pid,

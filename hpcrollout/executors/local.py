@@ -31,7 +31,7 @@ from hpcrollout.errors import HpcRolloutError
 from hpcrollout.executors.base import Executor
 from hpcrollout.executors.jobs import Submission, record_submission
 from hpcrollout.procs import HOST, process_start
-from hpcrollout.rundir import RunDir, read_json, write_json_atomic
+from hpcrollout.rundir import RunDir, read_record, write_json_atomic
 
 if TYPE_CHECKING:
     from hpcrollout.config import RunConfig
@@ -86,11 +86,7 @@ def release_task_locks(fds: dict[int, int]) -> None:
 
 def local_task_record(rundir: RunDir, task: int) -> dict[str, Any]:
     """The task's record, or {} (never started here, or unreadable)."""
-    try:
-        record = read_json(rundir.local_task_record(task))
-    except (FileNotFoundError, HpcRolloutError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    return read_record(rundir.local_task_record(task))
 
 
 def local_active_tasks(rundir: RunDir) -> dict[int, str]:

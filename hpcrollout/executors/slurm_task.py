@@ -25,24 +25,14 @@ import submitit
 from submitit.core.utils import UncompletedJobError
 
 from hpcrollout.errors import HpcRolloutError
-from hpcrollout.rundir import RunDir, read_json, write_json_atomic
+from hpcrollout.procs import slurm_job_id
+from hpcrollout.rundir import RunDir, read_record, write_json_atomic
 
 log = logging.getLogger("hpcrollout")
 
 def read_task_record(run_dir: RunDir, task_id: int) -> dict[str, Any]:
     """The task's record, or {} if it never started (or the file is unreadable)."""
-    try:
-        record = read_json(run_dir.task_record(task_id))
-    except (FileNotFoundError, HpcRolloutError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def _slurm_job_id() -> str | None:
-    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and array_task:
-        return f"{array_job}_{array_task}"
-    return os.environ.get("SLURM_JOB_ID")
+    return read_record(run_dir.task_record(task_id))
 
 
 def _setup_logging() -> None:
@@ -178,7 +168,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
 
     @staticmethod
     def _start(rundir: RunDir, task_id: int) -> dict[str, Any]:
-        job_id = _slurm_job_id()
+        job_id = slurm_job_id()
         record = read_task_record(rundir, task_id)
         if record.get("job_id") != job_id:  # a new submission (resume) starts with a clean failure count
             record = {"task": task_id, "job_id": job_id, "failures": 0, "requeues": 0, "retries": 0, "attempts": 0}
@@ -210,7 +200,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
             log.exception("could not update the task record of task %d", task_id)
 
     def _requeue_self(self, rundir: RunDir, task_id: int, failures: int, exc: Exception, tb: str, retries: int) -> bool:
-        job_id = _slurm_job_id()
+        job_id = slurm_job_id()
         if not job_id:
             return False
         log.error("task %d raised (%s: %s); retry %d of %d", task_id, type(exc).__name__, exc, failures, retries)
