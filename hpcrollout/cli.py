@@ -30,11 +30,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is at each record, not the stream it was made with.
+
+    Commands run in-process (tests, notebooks, pytest's capture) swap and close ``sys.stderr``; a handler bound
+    to the old stream would then fail on every later record with "I/O operation on closed file".
+    """
+
+    @property
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     logger = logging.getLogger("hpcrollout")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(level)

@@ -129,7 +129,8 @@ def test_two_node_task_forms_a_ray_cluster_and_rebuilds_it_after_requeue(
         os.kill(second["pid"], signal.SIGTERM)
         wait_until(lambda: not any(ray_daemons(n) for n in NODES), timeout=60, what="Ray daemons to end on both nodes")
         wait_until(lambda: (raycluster.read_record(rundir, 0) or {}).get("state") == "stopped", what="stopped record")
-        assert read_task_record(rundir, 0)["state"] == "terminated"
+        # the handler writes the task record after stopping Ray: wait for that record itself
+        wait_until(lambda: read_task_record(rundir, 0).get("state") == "terminated", what="terminated task record")
         for node in NODES:  # each node's wrapper stopped its Ray and removed its temp dir
             assert "signal 15, stopping Ray" in (rundir.ray_dir(0) / f"{node}.log").read_text()
             wait_until(

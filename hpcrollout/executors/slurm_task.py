@@ -39,7 +39,9 @@ def _setup_logging() -> None:
     """Log lines (not progress bars) to stderr, which submitit writes to the task's .err file."""
     logger = logging.getLogger("hpcrollout")
     if not any(getattr(h, "_hpcr_task", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        from hpcrollout.cli import StderrHandler
+
+        handler = StderrHandler()
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s hpcrollout: %(message)s", "%Y-%m-%d %H:%M:%S")
         )
