@@ -149,7 +149,7 @@ def freeze_when(pid_of, condition, what: str) -> int:  # noqa: ANN001
     return pid
 
 
-def wait_signal_pending(pid: int, sig: int, timeout: float = 60) -> None:
+def wait_signal_pending(pid: int, sig: int, timeout: float = 240) -> None:
     """Wait until sig is pending for a stopped process (delivered by slurmstepd, not yet handled)."""
 
     def pending() -> bool:

@@ -111,10 +111,10 @@ def test_python_verifier_in_workers_with_hang(tmp_path: Path, monkeypatch: pytes
     rows = [{"answer": i, "responses": [f"{i}", "hang" if i == 1 else "x", f"{i + 1}"]} for i in range(6)]
     src = write_scored_input(tmp_path / "m.parquet", rows)
     out = tmp_path / "s.parquet"
-    r = score_file(src, out, Settings("python:user_verifiers:hangs_in_c", timeout_s=1.0, workers=2, chunk=3))
+    r = score_file(src, out, Settings("python:user_verifiers:hangs_in_c", timeout_s=2.0, workers=2, chunk=3))
     assert r.workers_killed == 1 and r.statuses == {"ok": 17, "timeout": 1}
     details = _table(out).column("score_details").to_pylist()
-    assert details[1][1]["status"] == "timeout" and "killed after 3 s" in details[1][1]["message"]
+    assert details[1][1]["status"] == "timeout" and "killed after 5 s" in details[1][1]["message"]
 
 
 @pytest.fixture(scope="module")

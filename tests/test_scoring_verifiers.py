@@ -76,6 +76,7 @@ def test_math_wrong_unparseable_and_references() -> None:
 def test_math_pathological_answer_times_out() -> None:
     """9^(9^(9^9)) sends sympy into a huge integer power: the per-response timeout ends it, the next one scores."""
     pytest.importorskip("math_verify")
+    _score("math", ["\\boxed{1}"], "1")  # math-verify and sympy imported before the clock starts
     started = time.monotonic()
     out = _score("math", ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{4}"], "4", timeout=2.0)
     assert time.monotonic() - started < 60
@@ -119,7 +120,7 @@ def test_python_verifier(user_module: str, tmp_path: Path) -> None:
     assert out[1].message == "ValueError: boom in boom!"
     out = _score(f"python:{user_module}:returns_text", ["x"], 1, rows)
     assert out[0].status == ERROR and "returned str, expected float or bool" in out[0].message
-    out = _score(f"python:{user_module}:sleeps", ["slow", "fast"], 1, rows, timeout=0.5)
+    out = _score(f"python:{user_module}:sleeps", ["slow", "fast"], 1, rows, timeout=3.0)
     assert [o.status for o in out] == [TIMEOUT, OK]
     # By file path too; no reference column: every row is scored.
     spec = VerifierSpec(f"python:{tmp_path / 'user_verifiers.py'}:by_length", None)
@@ -156,20 +157,20 @@ def test_pool_hard_timeout_kills_a_worker_stuck_in_c(user_module: str) -> None:
     """A verifier stuck in C code ignores SIGALRM: its worker is killed, the response recorded, the rest scored."""
     spec = VerifierSpec(f"python:{user_module}:hangs_in_c", "answer")
     rows = [(["ok", "hang", "ok too"], 1, {"answer": 1}), (["fine"], 1, {"answer": 1})]
-    with VerifierPool(spec, workers=2, timeout_s=0.3, hard_timeout_s=4.0) as pool:
+    with VerifierPool(spec, workers=2, timeout_s=2.0, hard_timeout_s=6.0) as pool:
         started = time.monotonic()
         results = list(pool.imap([rows, *_chunks(["a", "b", "c"])]))
         assert time.monotonic() - started < 60
         assert pool.killed == 1
     first = results[0]
     assert [o.status for o in first] == [OK, TIMEOUT, OK, OK]
-    assert "worker was killed after 4 s" in first[1].message
+    assert "worker was killed after 6 s" in first[1].message
     assert [r[0].status for r in results[1:]] == [OK, OK, OK]
 
 
 def test_pool_soft_timeout_swallowed_and_dead_worker(user_module: str) -> None:
     spec = VerifierSpec(f"python:{user_module}:swallows_everything", "answer")
-    with VerifierPool(spec, workers=1, timeout_s=0.3, hard_timeout_s=3.0) as pool:
+    with VerifierPool(spec, workers=1, timeout_s=2.0, hard_timeout_s=5.0) as pool:
         out = list(pool.imap(_chunks(["stubborn", "fine"])))
     assert [o[0].status for o in out] == [TIMEOUT, OK]
     spec = VerifierSpec(f"python:{user_module}:dies", "answer")
@@ -211,5 +212,5 @@ def test_default_workers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_regex_catastrophic_backtracking_times_out() -> None:
-    out = _score("regex:(a+)+$", ["a" * 40 + "b", "aaa"], "aaa", timeout=0.3)
+    out = _score("regex:(a+)+$", ["a" * 40 + "b", "aaa"], "aaa", timeout=2.0)
     assert [o.status for o in out] == [TIMEOUT, OK] and out[1].score == 1.0

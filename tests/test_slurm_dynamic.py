@@ -39,7 +39,7 @@ def _resume(run_dir, *extra: str) -> int:
 def _claims_of(rundir: RunDir, pid: int) -> list[dict]:
     """Claim files (any generation) written by this process."""
     out = []
-    for path in rundir.claims_dir.glob("*.g*"):
+    for path in rundir.claims_dir.glob("[0-9]*.g[0-9]*"):  # not the hidden temp files of a claim being written
         try:
             data = read_json(path)
         except (FileNotFoundError, HpcRolloutError):

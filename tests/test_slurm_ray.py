@@ -97,7 +97,7 @@ def test_two_node_task_forms_a_ray_cluster_and_rebuilds_it_after_requeue(
     (job,) = latest_jobs(rundir).values()
     try:
         # 1. every node joined with its GPUs, and the stand-in engine placed one GPU actor on each
-        wait_until(lambda: placements_path(rundir.root, 0).exists(), timeout=180, what="attempt 0 to place its actors")
+        wait_until(lambda: placements_path(rundir.root, 0).exists(), timeout=600, what="attempt 0 to place its actors")
         first = read_json(placements_path(rundir.root, 0))
         assert sorted(p["host"] for p in first["placed"]) == NODES
         assert all(len(p["gpu_ids"]) == 2 for p in first["placed"])
@@ -115,7 +115,7 @@ def test_two_node_task_forms_a_ray_cluster_and_rebuilds_it_after_requeue(
 
         # 2. the pre-timeout signal: checkpoint, Ray stopped, requeue; the next attempt builds a fresh cluster
         os.kill(first["pid"], signal.SIGUSR2)
-        wait_until(lambda: placements_path(rundir.root, 1).exists(), timeout=180, what="the requeued attempt's actors")
+        wait_until(lambda: placements_path(rundir.root, 1).exists(), timeout=600, what="the requeued attempt's actors")
         second = read_json(placements_path(rundir.root, 1))
         assert sorted(p["host"] for p in second["placed"]) == NODES
         assert read_task_record(rundir, 0)["requeues"] == 1
@@ -127,7 +127,7 @@ def test_two_node_task_forms_a_ray_cluster_and_rebuilds_it_after_requeue(
 
         # 3. SIGTERM to the task: it stops Ray on every node itself (SLURM kills nothing: the job keeps running)
         os.kill(second["pid"], signal.SIGTERM)
-        wait_until(lambda: not any(ray_daemons(n) for n in NODES), timeout=60, what="Ray daemons to end on both nodes")
+        wait_until(lambda: not any(ray_daemons(n) for n in NODES), what="Ray daemons to end on both nodes")
         wait_until(lambda: (raycluster.read_record(rundir, 0) or {}).get("state") == "stopped", what="stopped record")
         # the handler writes the task record after stopping Ray: wait for that record itself
         wait_until(lambda: read_task_record(rundir, 0).get("state") == "terminated", what="terminated task record")

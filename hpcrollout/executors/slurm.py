@@ -9,6 +9,7 @@ run directory.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import shutil
@@ -26,6 +27,8 @@ from hpcrollout.rundir import RunDir
 
 if TYPE_CHECKING:
     from hpcrollout.config import RunConfig
+
+log = logging.getLogger(__name__)
 
 ACTIVE_STATES = {
     "PENDING",
@@ -197,11 +200,33 @@ def sacct_states(array_ids: list[str]) -> dict[str, dict[str, Any]] | None:
     return states
 
 
-def active_tasks(rundir: RunDir) -> dict[int, str]:
-    """Tasks of this run queued or running now (squeue), as {task: job id}."""
+SQUEUE_RETRIES_S = (1.0, 2.0, 4.0, 8.0)  # waits between squeue attempts before submit gives up
+
+
+def active_tasks(rundir: RunDir, retries_s: tuple[float, ...] = SQUEUE_RETRIES_S) -> dict[int, str]:
+    """Tasks of this run queued or running now (squeue), as {task: job id}.
+
+    Submit and resume decide from this what to launch, so a failed squeue (a busy slurmctld times out) is not
+    taken for an empty queue: that would launch a second copy of every running task. It is tried again, and
+    after the last try this refuses with an error rather than guess.
+    """
     jobs = task_of_job(rundir)
+    if not jobs or shutil.which("squeue") is None:  # nothing submitted yet; no SLURM here (make_executor says so)
+        return {}
     arrays = sorted({j.split("_")[0] for j in jobs})
-    queued = squeue_states(arrays) or {}
+    queued = squeue_states(arrays)
+    for wait in retries_s:
+        if queued is not None:
+            break
+        log.warning("squeue failed for jobs %s of %s; trying again in %.0f s", ",".join(arrays), rundir.root, wait)
+        time.sleep(wait)
+        queued = squeue_states(arrays)
+    if queued is None:
+        raise HpcRolloutError(
+            f"squeue failed {len(retries_s) + 1} times for the jobs of {rundir.root} ({', '.join(arrays)}): without "
+            "it the tasks still queued or running cannot be told apart from finished ones, so nothing was "
+            "submitted; try again once slurmctld answers (`squeue -j ...` works)"
+        )
     return {jobs[j]: j for j, info in queued.items() if j in jobs and info["state"] in ACTIVE_STATES}
 
 
