@@ -10,8 +10,8 @@
 #   munge, slurmctld, slurmd; slurmdbd + mariadb so `sacct` works (without it submitit cannot
 #   see a job killed before it wrote a result, and hpcrollout status loses job states);
 #   fake GPUs: gres gpu with File= symlinks to /dev/null (slurm needs character devices), so
-#   --gres=gpu:N schedules and sets CUDA_VISIBLE_DEVICES; fast requeue (cred_expire=5 and a
-#   2 s scheduler pass: a requeued task restarts in ~6 s instead of 120 s); CPUs advertised
+#   --gres=gpu:N schedules and sets CUDA_VISIBLE_DEVICES; fast requeue (cred_expire=15 and a
+#   2 s scheduler pass: a requeued task restarts in ~16 s instead of 120 s); CPUs advertised
 #   beyond the real core count (config_overrides) so several test tasks run at once on 2 cores.
 #
 # Env knobs (defaults in brackets):
@@ -46,7 +46,11 @@ FAKEGPU=$LIB/fakegpu
 MARK="# managed by hpcrollout slurm/start-test-cluster.sh"
 
 log() { echo "[test-slurm $(date +%T)] $*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+die() {  # with the tail of the cluster's logs, so a failed start in CI can be read afterwards
+  log "ERROR: $*"
+  for f in "$LOG"/*.log /var/log/mysql/test-slurm.log; do [ -f "$f" ] && { echo "--- last lines of $f" >&2; tail -n 20 "$f" >&2; }; done
+  exit 1
+}
 [ "$(id -u)" = 0 ] || die "must run as root"
 
 # ---------------------------------------------------------------- install
@@ -126,8 +130,12 @@ SlurmUser=slurm
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# requeued jobs wait cred_expire seconds before restarting (default 120; min 5)
-AuthInfo=cred_expire=5
+# requeued jobs wait cred_expire seconds before restarting (default 120; min 5). slurmd refuses a launch whose
+# credential is older than this, and a refused batch launch can drain the node: 15 s leaves room for a loaded
+# 2-core machine where 5 s did not.
+AuthInfo=cred_expire=15
+# client commands (sbatch, squeue, sacct) wait this long for a busy slurmctld before "Socket timed out"
+MessageTimeout=30
 StateSaveLocation=$LIB/slurmctld
 SlurmdSpoolDir=$LIB/slurmd
 SlurmctldPidFile=/run/slurmctld.pid
@@ -227,8 +235,7 @@ StorageLoc=slurm_acct_db
 EOF
   if pid_alive /run/slurmdbd.pid slurmdbd && [ "$dbd_changed" = 1 ]; then
     log "slurmdbd.conf changed: restarting slurmdbd"
-    kill "$(cat /run/slurmdbd.pid)"
-    for _ in $(seq 1 40); do pid_alive /run/slurmdbd.pid slurmdbd || break; sleep 0.25; done
+    stop_pidfile /run/slurmdbd.pid slurmdbd
   fi
   if pid_alive /run/slurmdbd.pid slurmdbd; then
     log "slurmdbd already running"
@@ -246,8 +253,7 @@ fi
 if [ "$changed" = 1 ]; then
   for d in slurmd slurmctld; do
     if pid_alive /run/$d.pid $d; then
-      log "config changed: stopping $d"; kill "$(cat /run/$d.pid)"
-      for _ in $(seq 1 40); do pid_alive /run/$d.pid $d || break; sleep 0.25; done
+      log "config changed: stopping $d"; stop_pidfile /run/$d.pid $d
     fi
   done
 fi

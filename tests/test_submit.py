@@ -20,6 +20,7 @@ from hpcrollout.shard import prepare_run
 from hpcrollout.submit import dry_run, submit_run
 from hpcrollout.worker import run_task
 from tests.conftest import make_config, make_prompts, write_input
+from tests.slurm_fixtures import slurm_output
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,10 +101,8 @@ def test_dry_run_submits_nothing(slurm_cluster, tiny_model, tmp_path):
     assert "#SBATCH --array=0-2%3" in out and "#SBATCH --gres=gpu:2" in out and f"--job-name={name}" in out
     assert "shards: 3 (3 to run)" in out
     assert not (tmp_path / "run").exists()  # not even the run directory
-    queued = subprocess.run(["squeue", "-h", "-n", name], capture_output=True, text=True, check=True).stdout
-    accounted = subprocess.run(
-        ["sacct", "-n", "-X", "--name", name, "--starttime", "now-1hours"], capture_output=True, text=True, check=True
-    ).stdout
+    queued = slurm_output(["squeue", "-h", "-n", name])
+    accounted = slurm_output(["sacct", "-n", "-X", "--name", name, "--starttime", "now-1hours"])
     assert queued.strip() == "" and accounted.strip() == ""
 
 
