@@ -182,10 +182,23 @@ def test_two_engines_both_work_on_the_default_shards(tmp_path, tiny_model, refer
     config = make_config(tmp_path, tiny_model, inp, executor={"engines_per_task": 2})
     rundir = prepare_run(config)
     assert rundir.num_shards() == 2 * 4  # SHARDS_PER_ENGINE for each of the 2 engines
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}
-    done = subprocess.run([sys.executable, "-m", "hpcrollout.worker", str(rundir.root), "--task", "0"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # Each engine stops itself after its first committed part. Engine loads differ by seconds on a busy machine
+    # while 8 tiny shards take about one: without this the first engine ready could finish every shard alone.
+    # Once both are stopped, each holds a shard of its own; both go on.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1", "HPCROLLOUT_PAUSE_AT": "after_part"}
+    task = subprocess.Popen([sys.executable, "-m", "hpcrollout.worker", str(rundir.root), "--task", "0"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for engine in (0, 1):
+            wait_until(lambda e=engine: _stopped(_engine_pid(rundir, e)), what=f"engine {engine} to stop after a part")
+        for engine in (0, 1):
+            os.kill(_engine_pid(rundir, engine), signal.SIGCONT)
+        out, _ = task.communicate(timeout=600)
+    finally:
+        if task.poll() is None:
+            os.killpg(task.pid, signal.SIGKILL)
+            task.wait()
+    assert task.returncode == 0, out.decode()[-3000:]
     assert rundir.done_shards() == set(range(8))
     markers = [json.loads(rundir.done_marker(s).read_text()) for s in range(8)]
     assert {m["engine_index"] for m in markers} == {0, 1}  # each engine finished shards of its own
