@@ -310,7 +310,8 @@ class ClaimBoard:
 
     # claiming
     def claim_next(self, is_done: Callable[[int], bool] | None = None) -> Claim | None:
-        """Claim the next unit (reclaims of dead claimants first, then fresh units in order); None: none free."""
+        """Claim the next unit; None: none free. Units the slot's scan found expired or dead come first, then
+        fresh units in order, then (the end game) units whose holders are known dead since that scan."""
         is_done = is_done or self.run_dir.is_done
         self.retry_at = None
         if self._slot < 0:

@@ -401,25 +401,19 @@ def finish_shard(rundir: RunDir, shard: int, schema: pa.Schema, attempt: dict[st
         table = pa.concat_tables(parts) if parts else schema.empty_table()
         table = _first_copy_per_row(table).sort_by(PART_ROW)
         rows = table.column(PART_ROW)
-        if not rows.equals(expected.column(ROW)):
+        if rows.equals(expected.column(ROW)):
+            created = _publish_output(output, table, shard)
+        elif output.exists():
+            # another finisher of the unit (it took over a claim we held too long) won meanwhile, and removed
+            # the parts we were reading: its output stands, and is checked below like our own
+            log.warning("shard %05d was finished by another task while its parts were read; keeping its output", shard)
+        else:
             missing = len(set(expected.column(ROW).to_pylist()) - set(rows.to_pylist()))
             raise HpcRolloutError(
                 f"shard {shard:05d}: the parts in {rundir.parts_dir(shard)} cover {len(rows)} of its "
                 f"{expected.num_rows} prompts ({missing} missing: damaged parts were moved to "
                 f"{rundir.quarantine_dir}); run: hpcrollout resume {rundir.root} (it generates the missing ones)"
             )
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staged = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.staged")
-        with atomic_path(staged) as tmp:
-            pq.write_table(table, tmp, compression="zstd", row_group_size=1024)
-        try:
-            os.link(staged, output)  # create-if-absent: of two finishers, exactly one output wins
-            fsync_dir(output.parent)
-            created = True
-        except FileExistsError:
-            log.warning("shard %05d was finished by another task meanwhile; keeping its output", shard)
-        finally:
-            staged.unlink(missing_ok=True)
     _maybe_crash("after_output")
     table = pq.read_table(output, columns=[PART_ROW, "uid", "response_tokens", "error"])
     if not table.column(PART_ROW).equals(expected.column(ROW)):
@@ -454,6 +448,23 @@ def finish_shard(rundir: RunDir, shard: int, schema: pa.Schema, attempt: dict[st
         marker["errors"],
     )
     return {**marker, "state": "done"}
+
+
+def _publish_output(output: Path, table: pa.Table, shard: int) -> bool:
+    """Write the shard output if it does not exist yet; True if this call created it."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staged = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.staged")
+    with atomic_path(staged) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=1024)
+    try:
+        os.link(staged, output)  # create-if-absent: of two finishers, exactly one output wins
+        fsync_dir(output.parent)
+        return True
+    except FileExistsError:
+        log.warning("shard %05d was finished by another task meanwhile; keeping its output", shard)
+        return False
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def _first_copy_per_row(table: pa.Table) -> pa.Table:

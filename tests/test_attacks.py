@@ -389,6 +389,34 @@ def test_a_damaged_part_is_quarantined_and_its_prompts_generated_again(finished,
     assert any("set aside" in n for n in run_status(rundir.root)["notes"])
 
 
+def test_a_second_finisher_of_a_unit_keeps_the_first_ones_output(finished, tmp_path, monkeypatch, caplog):
+    """Two tasks finish one unit (a starved holder's claim was taken over): the winner's clean-up removes the
+    parts the other is reading. The other keeps the winner's output instead of failing on "parts cover"."""
+    from hpcrollout import worker
+    from hpcrollout.schema import run_result_schema
+
+    _, reference = finished
+    rundir = copy_run(finished, tmp_path)
+    output = rundir.shard_output(1)
+    full = _parts_from_output(rundir, 1, slice(0, N))  # all its rows in one part, no output, no marker
+    real_usable_parts = worker.usable_parts
+
+    def the_other_finisher_wins_meanwhile(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        pq.write_table(full, output)  # its output, then its clean-up of the parts
+        for part in worker.committed_parts(rundir, 1):
+            part.unlink()
+        return real_usable_parts(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "usable_parts", the_other_finisher_wins_meanwhile)
+    with caplog.at_level(logging.WARNING):
+        done = worker.finish_shard(rundir, 1, run_result_schema(rundir.load_config()), {"attempt": 1})
+    assert done["state"] == "done" and done["prompts"] == full.num_rows
+    assert "finished by another task while its parts were read; keeping its output" in caplog.text
+    assert rundir.done_marker(1).is_file()
+    merge_run(rundir.root, tmp_path / "m.parquet")
+    assert pq.read_table(tmp_path / "m.parquet").equals(reference)
+
+
 # ------------------------------------------------------------------------------------------ disk full, read-only
 @pytest.fixture()
 def tmpfs(tmp_path):
