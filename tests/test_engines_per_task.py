@@ -6,11 +6,13 @@ task: each engine gets its own slice, named in the done markers of the shards it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 import pytest
@@ -53,6 +55,20 @@ def _stopped(pid: int | None) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def paused_task(rundir: RunDir, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """Task 0 as a worker process in its own session (its engines stop at HPCROLLOUT_PAUSE_AT); killed, with
+    them, if the test leaves it running."""
+    task = subprocess.Popen([sys.executable, "-m", "hpcrollout.worker", str(rundir.root), "--task", "0"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield task
+    finally:
+        if task.poll() is None:
+            os.killpg(task.pid, signal.SIGKILL)
+            task.wait()
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model):
     """The input, and its merged output from one engine, uninterrupted."""
@@ -76,9 +92,7 @@ def test_engines_share_a_task_and_a_sigkilled_engine_loses_nothing(tmp_path, tin
     rundir = prepare_run(config)
     # the task's (fake) GPUs, one each; every engine stops itself (SIGSTOP) right after its first committed part
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1", "HPCROLLOUT_PAUSE_AT": "after_part"}
-    task = subprocess.Popen([sys.executable, "-m", "hpcrollout.worker", str(rundir.root), "--task", "0"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with paused_task(rundir, env) as task:
         # Both engines are stopped mid-shard; engine 1 is SIGKILLed there, engine 0 (alive, with work) goes on.
         for engine in (0, 1):
             wait_until(lambda e=engine: _stopped(_engine_pid(rundir, e)), what=f"engine {engine} to stop mid-shard")
@@ -94,10 +108,6 @@ def test_engines_share_a_task_and_a_sigkilled_engine_loses_nothing(tmp_path, tin
         assert f"task 0 engine 1: pid {pid1} on" in format_status(st)
         os.kill(pid0, signal.SIGCONT)
         out, _ = task.communicate(timeout=600)
-    finally:
-        if task.poll() is None:
-            os.killpg(task.pid, signal.SIGKILL)
-            task.wait()
     # the sibling took the dead engine's shard over (its host-local pid is gone): the task itself succeeds
     assert task.returncode == 0, out.decode()[-3000:]
     assert rundir.done_shards() == set(range(N_SHARDS))
@@ -186,18 +196,12 @@ def test_two_engines_both_work_on_the_default_shards(tmp_path, tiny_model, refer
     # while 8 tiny shards take about one: without this the first engine ready could finish every shard alone.
     # Once both are stopped, each holds a shard of its own; both go on.
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1", "HPCROLLOUT_PAUSE_AT": "after_part"}
-    task = subprocess.Popen([sys.executable, "-m", "hpcrollout.worker", str(rundir.root), "--task", "0"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with paused_task(rundir, env) as task:
         for engine in (0, 1):
             wait_until(lambda e=engine: _stopped(_engine_pid(rundir, e)), what=f"engine {engine} to stop after a part")
         for engine in (0, 1):
             os.kill(_engine_pid(rundir, engine), signal.SIGCONT)
         out, _ = task.communicate(timeout=600)
-    finally:
-        if task.poll() is None:
-            os.killpg(task.pid, signal.SIGKILL)
-            task.wait()
     assert task.returncode == 0, out.decode()[-3000:]
     assert rundir.done_shards() == set(range(8))
     markers = [json.loads(rundir.done_marker(s).read_text()) for s in range(8)]
