@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def slurm_cluster() -> dict[str, Any]:
         problem = _cluster_problem() if proc.returncode == 0 else f"{START_SCRIPT} failed:\n{proc.stderr[-3000:]}"
     if problem and in_ci:
         # CI started the cluster: a command timing out on a busy machine is not a missing cluster; ask again
-        problem = _cluster_problem_after(120.0)
+        problem = problem_after(_cluster_problem, 120.0)
     if problem:
         message = f"test SLURM cluster not available: {problem}; start it with: sudo bash {START_SCRIPT}"
         if in_ci:
@@ -65,10 +66,11 @@ def slurm_cluster() -> dict[str, Any]:
     return {"node": info[0], "cpus": int(info[1]), "gres": info[2] if len(info) > 2 else ""}
 
 
-def _cluster_problem_after(timeout: float) -> str | None:
-    """_cluster_problem, asked every 2 s until it finds none or timeout passes: the last problem, or None."""
+def problem_after(check: Callable[[], str | None], timeout: float) -> str | None:
+    """check() (None, or what is wrong), asked every 2 s until it finds nothing or timeout passes: its last
+    answer. For clusters CI started, whose commands may time out on a busy machine."""
     deadline = time.time() + timeout
-    while (problem := _cluster_problem()) is not None and time.time() < deadline:
+    while (problem := check()) is not None and time.time() < deadline:
         time.sleep(2)
     return problem
 

@@ -36,20 +36,12 @@ def test_wait_for_jobs_waits_for_accounting_not_only_the_queue(tmp_path, monkeyp
     assert int((tmp_path / "count").read_text()) == 3  # it read accounting until the final state showed
 
 
-def _slurm_run_with_jobs(tmp_path: Path):  # noqa: ANN202
-    from hpcrollout.executors.jobs import record_submission
-    from hpcrollout.rundir import RunDir
-
-    rundir = RunDir(tmp_path / "run")
-    rundir.root.mkdir()
-    record_submission(rundir, {"executor": "slurm", "command": "submit", "tasks": [0, 1], "job_id": "7"})
-    return rundir
-
-
 def test_a_failing_squeue_is_retried_and_never_read_as_an_empty_queue(tmp_path, monkeypatch):
     """squeue timing out on a busy slurmctld must not let submit or resume launch running tasks a second time."""
     from hpcrollout.errors import HpcRolloutError
+    from hpcrollout.executors.jobs import record_submission
     from hpcrollout.executors.slurm import active_tasks
+    from hpcrollout.rundir import RunDir
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -63,12 +55,16 @@ def test_a_failing_squeue_is_retried_and_never_read_as_an_empty_queue(tmp_path, 
         'echo "7_1 RUNNING None 0"\n',
     )
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    rundir = _slurm_run_with_jobs(tmp_path)
+    rundir = RunDir(tmp_path / "run")
+    rundir.root.mkdir()
+    record_submission(rundir, {"executor": "slurm", "command": "submit", "tasks": [0, 1], "job_id": "7"})
     assert active_tasks(rundir, retries_s=(0.01, 0.01, 0.01)) == {1: "7_1"}
     assert int(count.read_text()) == 3
 
     _tool(bin_dir, "squeue", "#!/bin/sh\necho 'slurm_load_jobs error: Socket timed out' >&2\nexit 1\n")
-    with pytest.raises(HpcRolloutError, match=r"squeue failed 3 times for the jobs of .*run \(7\).*nothing was submitted"):
+    with pytest.raises(
+        HpcRolloutError, match=r"squeue failed 3 times for the jobs of .*run \(7\).*nothing was submitted"
+    ):
         active_tasks(rundir, retries_s=(0.01, 0.01))
     # a run whose jobs SLURM has purged ("Invalid job id") has none active
     _tool(bin_dir, "squeue", "#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n")

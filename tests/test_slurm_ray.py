@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from hpcrollout.shard import prepare_run
 from hpcrollout.status import format_status, run_status
 from tests.conftest import make_prompts, write_input
 from tests.ray_standin import StandInTask, placements_path
-from tests.slurm_fixtures import wait_for_jobs, wait_until
+from tests.slurm_fixtures import problem_after, wait_for_jobs, wait_until
 from tests.test_slurm_array import slurm_config
 
 pytestmark = pytest.mark.slurm
@@ -36,13 +35,18 @@ NETNS = {"hrn1": "hrns1", "hrn2": "hrns2"}
 START_SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "start-multinode-cluster.sh"
 
 
-def _node_states(env: dict[str, str]) -> tuple[dict[str, str], str]:
-    """sinfo's {node: state} of the multi-node cluster, and what went wrong if it did not answer."""
+def _multinode_problem(env: dict[str, str]) -> str | None:
+    """None if both nodes of the multi-node cluster are idle or mixed; else what sinfo says."""
+    if not MULTI_CONF.exists():
+        return f"{MULTI_CONF} does not exist"
     try:
         proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, env=env, timeout=60)
     except subprocess.TimeoutExpired:
-        return {}, "sinfo did not answer in 60 s"
-    return dict(line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2), proc.stderr.strip()
+        return "sinfo did not answer in 60 s"
+    states = dict(line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2)
+    if all(states.get(n) in ("idle", "mixed") for n in NODES):
+        return None
+    return f"sinfo: {states or proc.stderr.strip()}"
 
 
 @pytest.fixture
@@ -50,15 +54,11 @@ def multinode_cluster(slurm_cluster, monkeypatch):
     """The namespaced 2-node cluster, with SLURM_CONF pointing every SLURM command (ours, submitit's) at it."""
     env = dict(os.environ, SLURM_CONF=str(MULTI_CONF))
     in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-    deadline = time.time() + (120 if in_ci and MULTI_CONF.exists() else 0)  # CI started it: a busy sinfo is asked again
-    while True:
-        states, error = _node_states(env)
-        up = MULTI_CONF.exists() and all(states.get(n) in ("idle", "mixed") for n in NODES)
-        if up or time.time() >= deadline:
-            break
-        time.sleep(2)
-    if not up:
-        message = f"multi-node test cluster not up (sinfo: {states or error}); start it with: sudo bash {START_SCRIPT}"
+    problem = _multinode_problem(env)
+    if problem and in_ci and MULTI_CONF.exists():  # CI started it: a busy sinfo is asked again
+        problem = problem_after(lambda: _multinode_problem(env), 120.0)
+    if problem:
+        message = f"multi-node test cluster not up ({problem}); start it with: sudo bash {START_SCRIPT}"
         if in_ci:
             pytest.fail(message + " (CI=true: the SLURM tests must run)")
         pytest.skip(message)
